@@ -1,0 +1,90 @@
+"""Complete training state for exact resume (torchvision references style).
+
+A checkpoint is one `state.pt` file holding: model, optimizer, LR schedule position (epoch and
+stage; the schedule itself is a pure function of them), grad scaler, RNG states of torch /
+numpy / python, and the config hash. Loading uses `weights_only=True`: everything stored is a
+tensor or a plain Python container, so no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_FILE = "state.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def capture_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write `state` to directory/state.pt atomically (temp file + rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CHECKPOINT_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, expected_config_hash: str | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint weights-only; refuse one written by a different config."""
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated / not a torch file / unsafe content
+        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has unknown format {state.get('format_version')}")
+    if expected_config_hash is not None and state.get("config_hash") != expected_config_hash:
+        raise CheckpointError(
+            f"checkpoint {path} was written with config hash {state.get('config_hash')}, "
+            f"this run's config hash is {expected_config_hash}: refusing to resume a different config"
+        )
+    return state
