@@ -128,7 +128,10 @@ class OptimConfig(_Section):
             raise ValueError("optim.warmup_epochs must be 0 (no warm-up) or >= 2")
         # The released warm-up is linear through `lr` at epoch 1 and `peak_lr` at warmup_epochs,
         # so epoch 0 runs at lr - (peak_lr - lr) / (warmup_epochs - 1): it must stay positive.
-        for base, peak, name in ((self.lr, self.peak_lr, "lr"), (self.stage2_lr, self.stage2_peak_lr, "stage2_lr")):
+        for base, peak, name in (
+            (self.lr, self.peak_lr, "lr"),
+            (self.stage2_lr, self.stage2_peak_lr, "stage2_lr"),
+        ):
             if self.warmup_epochs >= 2 and base - (peak - base) / (self.warmup_epochs - 1) <= 0:
                 raise ValueError(
                     f"optim.{name}={base} with peak {peak} and {self.warmup_epochs} warm-up epochs "

@@ -22,8 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from pipeline.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from pipeline.config import Config, ConfigError, OptimConfig, load_config
+from pipeline.data import DataError
 from pipeline.losses import build_objective
 from pipeline.metrics import EvalCounts
 from pipeline.models import build_model
@@ -55,7 +62,9 @@ def lr_at(epoch: int, optim: OptimConfig) -> float:
     """Learning rate of `epoch` (0-based). Stage 1: 0.025..0.125 warm-up, 0.15 peak at epoch 5,
     cosine to ~0 at 179; stage 2 restarts: 0.0375..0.0875, 0.10 at 185, cosine to 0.0011 at 199."""
     if stage_of(epoch, optim) == 1:
-        return _warmup_cosine(epoch, optim.lr, optim.peak_lr, optim.warmup_epochs, optim.stage2_start)
+        return _warmup_cosine(
+            epoch, optim.lr, optim.peak_lr, optim.warmup_epochs, optim.stage2_start
+        )
     return _warmup_cosine(
         epoch - optim.stage2_start,
         optim.stage2_lr,
@@ -105,7 +114,11 @@ def set_trainable(model: nn.Module, stage: int) -> list[nn.Parameter]:
 def make_optimizer(params: list[nn.Parameter], optim: OptimConfig, stage: int) -> torch.optim.SGD:
     lr = optim.lr if stage == 1 else optim.stage2_lr
     return torch.optim.SGD(
-        params, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov
+        params,
+        lr=lr,
+        momentum=optim.momentum,
+        weight_decay=optim.weight_decay,
+        nesterov=optim.nesterov,
     )
 
 
@@ -149,7 +162,13 @@ def train_one_epoch(
     out = {k: float(v) / max(samples, 1) for k, v in sums.items()}
     if not all(math.isfinite(v) for v in out.values()):
         raise NonFiniteLossError(f"non-finite training loss: {out}")
-    out.update(lr=lr, samples=samples, steps=steps, seconds=seconds, images_per_s=samples / max(seconds, 1e-9))
+    out.update(
+        lr=lr,
+        samples=samples,
+        steps=steps,
+        seconds=seconds,
+        images_per_s=samples / max(seconds, 1e-9),
+    )
     return out
 
 
@@ -248,7 +267,12 @@ class TrainingSession:
 
     def evaluate(self, batches: Batches) -> EvalCounts:
         return evaluate(
-            self.model, batches, len(self.class_counts), self.device, self.amp, self.cfg.train.channels_last
+            self.model,
+            batches,
+            len(self.class_counts),
+            self.device,
+            self.amp,
+            self.cfg.train.channels_last,
         )
 
     # -- checkpoint
@@ -275,7 +299,9 @@ class TrainingSession:
         return save_checkpoint(directory, self.state_dict())
 
     def restore(self, directory: str | Path) -> None:
-        self.load_state_dict(load_checkpoint(directory, expected_config_hash=self.cfg.config_hash()))
+        self.load_state_dict(
+            load_checkpoint(directory, expected_config_hash=self.cfg.config_hash())
+        )
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -286,7 +312,9 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def format_epoch_line(stats: dict[str, float], epochs: int, val: dict[str, Any] | None, eta_s: float) -> str:
+def format_epoch_line(
+    stats: dict[str, float], epochs: int, val: dict[str, Any] | None, eta_s: float
+) -> str:
     line = (
         f"epoch {int(stats['epoch']) + 1:>3}/{epochs} stage {int(stats['stage'])} | "
         f"loss {stats['loss']:.4f} (ce {stats['loss_ce']:.4f} dkt {stats['loss_dkt']:.4f} "
@@ -333,7 +361,14 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     pin = device.type == "cuda"
 
     def train_batches(epoch: int):
-        return make_loader(data.train, cfg.data, batch, train=True, seed=epoch_seed(cfg.train.seed, epoch), pin_memory=pin)
+        return make_loader(
+            data.train,
+            cfg.data,
+            batch,
+            train=True,
+            seed=epoch_seed(cfg.train.seed, epoch),
+            pin_memory=pin,
+        )
 
     val_loader = make_loader(data.val, cfg.data, 256, train=False, pin_memory=pin)
     history: list[dict] = []
@@ -365,18 +400,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/smoke.yaml")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set loss.dkt_weight=5 (repeatable)",
     )
     parser.add_argument(
-        "--checkpoint-dir", default=None,
+        "--checkpoint-dir",
+        default=None,
         help="save the complete state here every train.checkpoint_every epochs; resume from it if present",
     )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         run(cfg, args.checkpoint_dir)
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as exc:
+    except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -108,7 +108,9 @@ class EvalCounts:
                 f"expected logits of shape (B, {self.num_classes}), got {tuple(logits_mean.shape)}"
             )
         if target.shape != logits_mean.shape[:1]:
-            raise ValueError(f"target must have shape ({logits_mean.shape[0]},), got {tuple(target.shape)}")
+            raise ValueError(
+                f"target must have shape ({logits_mean.shape[0]},), got {tuple(target.shape)}"
+            )
         if not self._placed:
             self._move(logits_mean.device)
             self._placed = True
@@ -116,25 +118,24 @@ class EvalCounts:
         target = target.detach().to(self.device, torch.int64)
         if target.numel() == 0:
             return
-        c = self.num_classes
 
         probs = logits.softmax(dim=-1)
         confidence, pred = probs.max(dim=-1)  # argmax of softmax == argmax of logits
         top1 = pred == target
-        k = min(5, c)
+        k = min(5, self.num_classes)
         top5 = (logits.topk(k, dim=-1).indices == target.unsqueeze(1)).any(dim=1)
 
-        self.class_total += torch.bincount(target, minlength=c)
-        self.class_top1 += torch.bincount(target[top1], minlength=c)
-        self.class_top5 += torch.bincount(target[top5], minlength=c)
+        # index_add_ into fixed-size buffers: no host sync (bincount / boolean indexing would).
+        self.class_total.index_add_(0, target, torch.ones_like(target))
+        self.class_top1.index_add_(0, target, top1.long())
+        self.class_top5.index_add_(0, target, top5.long())
 
-        # Bin b holds confidences in (b/K, (b+1)/K]; ceil(conf·K) − 1, clamped for safety.
-        bins = (confidence.double() * self.ece_bins).ceil().long().sub(1).clamp(0, self.ece_bins - 1)
-        self.bin_count += torch.bincount(bins, minlength=self.ece_bins)
-        self.bin_correct += torch.bincount(bins[top1], minlength=self.ece_bins)
-        self.bin_confidence += torch.bincount(
-            bins, weights=confidence.double(), minlength=self.ece_bins
-        )
+        # Bin b holds confidences in (b/K, (b+1)/K]: index ceil(conf·K) − 1, clamped to [0, K−1].
+        conf64 = confidence.double()
+        bins = (conf64 * self.ece_bins).ceil().long().sub(1).clamp(0, self.ece_bins - 1)
+        self.bin_count.index_add_(0, bins, torch.ones_like(bins))
+        self.bin_correct.index_add_(0, bins, top1.long())
+        self.bin_confidence.index_add_(0, bins, conf64)
 
     def merge(self, other: EvalCounts) -> EvalCounts:
         """Add ``other``'s counts into this one (in place); returns self."""
@@ -218,4 +219,3 @@ class EvalCounts:
             "per_class_acc": per_class,
             "num_samples": int(n),
         }
-

@@ -11,21 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
-from pipeline.data.longtail import longtail_counts, select_balanced, select_longtail
+from pipeline.data import DataError
+from pipeline.data.longtail import build_longtail_splits
 from pipeline.data.sources import RawSplit, load_raw_dataset
 from pipeline.data.transforms import build_transform, to_chw_tensor
-
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500}
-
-
-class DataError(ValueError):
-    """A data problem (missing path, bad manifest, ...) with a message naming the culprit."""
 
 
 @dataclass
@@ -42,42 +35,27 @@ class LongTailedData:
         return len(self.class_names)
 
 
-def _take(split: RawSplit, idx: np.ndarray) -> RawSplit:
-    return RawSplit(
-        images=split.images[idx],
-        labels=split.labels[idx],
-        sample_ids=split.sample_ids[idx],
-        coarse_labels=None if split.coarse_labels is None else split.coarse_labels[idx],
-    )
-
-
-def _cap_per_class(split: RawSplit, per_class: int | None) -> RawSplit:
-    if per_class is None:
-        return split
-    idx = np.concatenate(
-        [np.flatnonzero(split.labels == c)[:per_class] for c in np.unique(split.labels)]
-    )
-    return _take(split, np.sort(idx))
-
-
 def build_in_memory(cfg: DataConfig) -> LongTailedData:
     """Long-tailed train / balanced val / test from a raw source, per SHIKE.md §4."""
-    source = cfg.source
-    if source is not None and "://" not in source and not os.path.exists(source):
-        raise DataError(f"data.source does not exist: {source}")
-    raw = load_raw_dataset(cfg.dataset, source)
-    num_classes = len(raw.class_names)
-    n_max = cfg.n_max or int(np.bincount(raw.train.labels, minlength=num_classes).max())
-    counts = longtail_counts(n_max, num_classes, cfg.imbalance_factor)
-    train_idx = select_longtail(raw.train.labels, counts, rule=cfg.selection, seed=cfg.selection_seed)
-    val_idx = select_balanced(raw.train.labels, cfg.val_per_class, exclude=train_idx)
+    if cfg.source is not None and "://" not in cfg.source and not os.path.exists(cfg.source):
+        raise DataError(f"data.source does not exist: {cfg.source}")
+    raw = load_raw_dataset(cfg.dataset, cfg.source)
+    splits = build_longtail_splits(
+        raw,
+        cfg.imbalance_factor,
+        n_max=cfg.n_max,
+        selection=cfg.selection,
+        selection_seed=cfg.selection_seed,
+        val_per_class=cfg.val_per_class,
+        test_per_class=cfg.test_per_class,
+    )
     return LongTailedData(
         name=raw.name,
         class_names=list(raw.class_names),
-        class_counts=list(counts),
-        train=_take(raw.train, train_idx),
-        val=_take(raw.train, val_idx),
-        test=_cap_per_class(raw.test, cfg.test_per_class),
+        class_counts=list(splits.class_counts),
+        train=splits.train,
+        val=splits.val,
+        test=splits.test,
     )
 
 
@@ -86,9 +64,7 @@ def load_longtailed(cfg: DataConfig) -> LongTailedData:
     if cfg.uri:
         from pipeline.data.shards import load_prepared
 
-        data = load_prepared(cfg.uri)
-        data.test = _cap_per_class(data.test, cfg.test_per_class)
-        return data
+        return load_prepared(cfg.uri, test_per_class=cfg.test_per_class)
     return build_in_memory(cfg)
 
 

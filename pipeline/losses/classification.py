@@ -45,7 +45,9 @@ def ce_loss(logits: Tensor, target: Tensor) -> Tensor:
         return z.sum() * 0.0
     # One cross_entropy over the flattened (M·B, C) batch averages over M·B; ×M turns the
     # average over experts into the sum over experts.
-    per_pair = F.cross_entropy(z.reshape(num_experts * batch, num_classes), target.repeat(num_experts))
+    per_pair = F.cross_entropy(
+        z.reshape(num_experts * batch, num_classes), target.repeat(num_experts)
+    )
     return per_pair * num_experts
 
 

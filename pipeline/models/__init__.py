@@ -1,5 +1,7 @@
 """Models: SHIKE multi-expert networks, baselines and inference wrappers.
 
+Everything else in the pipeline codes against three names:
+
     model = build_model(cfg.model, num_classes)   # ShikeNet
     logits = model(x)                              # (M, B, C): every expert's logits
     probs = ImageClassifier(model, mean, std, class_names)(uint8_nhwc)

@@ -44,7 +44,9 @@ class NormedLinear(nn.Module):
         return self.scale * F.linear(F.normalize(h, dim=1), F.normalize(self.weight, dim=1))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
+        )
 
 
 def make_head(kind: str, in_features: int, num_classes: int, scale: float = 30.0) -> nn.Module:

@@ -42,7 +42,9 @@ class ImageClassifier(nn.Module):
         if len(mean) != len(std):
             raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
         self.net = model if isinstance(model, ExpertInference) else ExpertInference(model)
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        )
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
         self.class_names: list[str] = [str(c) for c in class_names]
 

@@ -42,7 +42,9 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-def make_stage(in_channels: int, channels: int, stride: int, blocks: int = BLOCKS_PER_STAGE) -> nn.Sequential:
+def make_stage(
+    in_channels: int, channels: int, stride: int, blocks: int = BLOCKS_PER_STAGE
+) -> nn.Sequential:
     """`blocks` BasicBlocks; only the first one changes stride/width."""
     layers = [BasicBlock(in_channels, channels, stride)]
     layers += [BasicBlock(channels, channels, 1) for _ in range(blocks - 1)]

@@ -198,9 +198,7 @@ class ShikeNet(nn.Module):
 
         self.stem = trunk.stem
         self.shared = nn.ModuleList(trunk.shared)
-        self.experts = nn.ModuleList(
-            ExpertBranch(trunk.make_deep(), source) for source in sources
-        )
+        self.experts = nn.ModuleList(ExpertBranch(trunk.make_deep(), source) for source in sources)
         self.classifiers = nn.ModuleList(
             make_head(head, self.feature_dim, num_classes, cosine_scale) for _ in sources
         )
@@ -222,7 +220,9 @@ class ShikeNet(nn.Module):
                 # k = S - src + 1 stride-2 units: one per shared stage skipped, plus the expert's
                 # own stage (ResNet-32: stage 1 -> 2 units, stage 2 -> 1 unit).
                 depth = num_shared - branch.source + 1
-                adapter = ShallowAdapter(trunk.shared_channels[branch.source - 1], depth, adapter_relu)
+                adapter = ShallowAdapter(
+                    trunk.shared_channels[branch.source - 1], depth, adapter_relu
+                )
                 if adapter.out_channels != trunk.deep_channels:
                     raise ValueError(
                         f"adapter from stage {branch.source} ends at {adapter.out_channels} "

@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", [p for p in PRESETS if not p.name.startswith("sweep_")], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in PRESETS if not p.name.startswith("sweep_")], ids=lambda p: p.name
+)
 def test_every_preset_loads(path):
     cfg = load_config(path)
     assert cfg.optim.stage2_start <= cfg.optim.epochs
@@ -18,14 +20,20 @@ def test_every_preset_loads(path):
 
 def test_paper_preset_matches_the_released_recipe():
     cfg = load_config(ROOT / "configs/cifar100_lt_if100.yaml")
-    assert (cfg.data.dataset, cfg.data.imbalance_factor, cfg.data.selection) == ("cifar100", 100, "first")
+    assert (cfg.data.dataset, cfg.data.imbalance_factor, cfg.data.selection) == (
+        "cifar100",
+        100,
+        "first",
+    )
     assert (cfg.optim.epochs, cfg.optim.stage2_start, cfg.optim.batch_size) == (200, 180, 128)
     assert (cfg.loss.dkt_weight, cfg.loss.md_weight, cfg.loss.kl_reduction) == (10, 1, "mean")
     assert cfg.model.cosine_scale == 30 and cfg.model.fusion == "product"
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(None, ["loss.dkt_weight=5", "model.fusion=sum", "model.expert_sources=[2,2,1]"])
+    cfg = load_config(
+        None, ["loss.dkt_weight=5", "model.fusion=sum", "model.expert_sources=[2,2,1]"]
+    )
     assert cfg.loss.dkt_weight == 5.0
     assert cfg.model.fusion == "sum"
     assert cfg.model.expert_sources == [2, 2, 1]
@@ -72,8 +80,18 @@ def test_missing_config_file_is_clear(tmp_path):
 )
 def test_engine_cli_rejects_bad_input_with_one_line(args, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.engine", "--config", str(ROOT / "configs/smoke.yaml"), *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.engine",
+            "--config",
+            str(ROOT / "configs/smoke.yaml"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
