@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError
-from pipeline.data.longtail import build_longtail_splits
+from pipeline.data.longtail import build_longtail_splits, select_balanced
+from pipeline.data.shards import load_split, read_manifest
 from pipeline.data.sources import RawSplit, load_raw_dataset
 from pipeline.data.transforms import build_transform, to_chw_tensor
 
@@ -61,11 +62,24 @@ def build_in_memory(cfg: DataConfig) -> LongTailedData:
 
 def load_longtailed(cfg: DataConfig) -> LongTailedData:
     """Prepared shards when `data.uri` is set, else the in-memory builder."""
-    if cfg.uri:
-        from pipeline.data.shards import load_prepared
+    return load_prepared(cfg.uri, cfg.test_per_class) if cfg.uri else build_in_memory(cfg)
 
-        return load_prepared(cfg.uri, test_per_class=cfg.test_per_class)
-    return build_in_memory(cfg)
+
+def load_prepared(uri: str, test_per_class: int | None = None) -> LongTailedData:
+    """The Ray-free reader of prepared shards: every shard verified against the manifest."""
+    manifest = read_manifest(uri)
+    test = load_split(manifest, "test")
+    if test_per_class is not None:
+        keep = select_balanced(test.labels, test_per_class, num_classes=manifest.num_classes, allow_empty=True)
+        test = test.take(keep)
+    return LongTailedData(
+        name=manifest.dataset,
+        class_names=list(manifest.class_names),
+        class_counts=list(manifest.class_counts),
+        train=load_split(manifest, "train"),
+        val=load_split(manifest, "val"),
+        test=test,
+    )
 
 
 class ImageArrayDataset(Dataset):

@@ -1,0 +1,68 @@
+"""Ray Data datasets over prepared shards (the per-worker input of Ray Train).
+
+Reads the shards a manifest vouches for (verified first: sha256, rows, schema) with an explicit
+pyarrow filesystem and column projection, decodes PNGs and applies the SHIKE.md §3.1 transforms
+in `map_batches` (the same `build_transform` the Ray-free reader uses), and shuffles files per
+epoch plus a seeded local buffer in the consumer. Ray is imported here and in distributed/ only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from pipeline.data.shards import Manifest, read_manifest, shard_files, verify_split
+from pipeline.data.sources import decode_images
+from pipeline.data.storage import S3Options
+from pipeline.data.transforms import apply_to_batch, build_transform
+
+COLUMNS = ["image", "label"]
+
+
+def decode_and_transform(batch: dict[str, np.ndarray], augment: str, train: bool) -> dict[str, np.ndarray]:
+    """PNG bytes -> normalised float NCHW batch; the train transform is random per image."""
+    images = decode_images(list(batch["image"]), "shard rows")
+    transform = build_transform(augment, train=train)
+    return {
+        "image": apply_to_batch(transform, images).numpy(),
+        "label": batch["label"].astype(np.int64),
+    }
+
+
+def split_dataset(
+    manifest: Manifest,
+    split: str,
+    *,
+    augment: str = "shike",
+    train: bool = False,
+    seed: int | None = 0,
+    verify: bool = True,
+    batch_size: int = 256,
+) -> ray.data.Dataset:
+    """A Ray Dataset of one split: rows {"image": float32 (3,H,W), "label": int64}.
+
+    Training splits reshuffle the shard order on every execution (each epoch) from `seed`.
+    """
+    if verify:
+        verify_split(manifest, split)
+    fs, paths = shard_files(manifest, split)
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns(COLUMNS)
+    return ds.map_batches(
+        decode_and_transform,
+        fn_kwargs={"augment": augment, "train": train},
+        batch_size=batch_size,
+        batch_format="numpy",
+    )
+
+
+def training_datasets(
+    uri: str, augment: str, seed: int, s3: S3Options | None = None
+) -> tuple[Manifest, dict[str, ray.data.Dataset]]:
+    """Manifest + {"train", "val", "test"} datasets for a TorchTrainer."""
+    manifest = read_manifest(uri, s3)
+    datasets = {"train": split_dataset(manifest, "train", augment=augment, train=True, seed=seed)}
+    for split in ("val", "test"):
+        if split in manifest.splits and manifest.splits[split].num_rows:
+            datasets[split] = split_dataset(manifest, split, augment=augment, train=False)
+    return manifest, datasets

@@ -1,0 +1,1 @@
+"""Shared test helpers (generated data sets and the like)."""
