@@ -1,0 +1,466 @@
+"""MLflow Model Registry: log and register the inference model, aliases, lookup, loading.
+
+The registered artifact is `ImageClassifier` (pipeline/models/inference.py): uint8 RGB images
+(N, H, W, 3) in, class probabilities (N, C) out, normalisation baked in, `class_names` attached.
+One registered model per dataset setting (`shike-cifar100-lt-if100`); each finished run adds a
+version and moves the `candidate` alias to it; only the promotion job moves `champion`.
+
+    mv = log_and_register(run_id, net, class_names, model_name_for(cfg), mean=CIFAR_MEAN,
+                          std=CIFAR_STD, metrics={"val/acc": 0.41}, tracking_uri=uri)
+    clf = load_classifier("models:/shike-cifar100-lt-if100@candidate", tracking_uri=uri)
+    probs = clf(torch.from_numpy(uint8_batch))
+
+Model URIs understood everywhere here: `models:/<name>@<alias>`, `models:/<name>/<version>`,
+`models:/<name>/latest`, `runs:/<run_id>/<path>`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from pipeline.models import ImageClassifier
+from pipeline.tracking import (
+    TAG_CONFIG_HASH,
+    TAG_MANIFEST_HASH,
+    TAG_RUN_NAME,
+    TrackingError,
+    _check_key,
+    _check_value,
+    check_tracking_server,
+    mlflow_uris,
+    redact_uri,
+    resolve_tracking_uri,
+)
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+MODEL_ARTIFACT_NAME = "model"
+CLASS_NAMES_FILE = "class_names.json"
+TAG_RUN_ID = "shike.run_id"
+
+# Why the pickle format and not MLflow 3.17's default `pt2` (torch.export):
+# * pt2 loads back through `mlflow.pytorch.load_model` as a torch.fx GraphModule: the
+#   `class_names` attribute is gone, `.eval()`/`.train()` raise "not supported", and the graph
+#   is specialised to what the export traced (the batch dimension is only dynamic when the input
+#   example has >= 2 images; every other shape is frozen).
+# * pickle (`torch.save` of the eager module) loads back as the very `ImageClassifier` that was
+#   trained: same code path, bit-identical outputs, `class_names`, `.eval()`, `.to(device)`,
+#   and both `mlflow.pyfunc` and `mlflow.pytorch` loaders work (verified in the unit tests).
+# Its cost is that unpickling needs the class definitions: the model's own code
+# (`pipeline/__init__.py` + `pipeline/models/`, torch/torchvision only) is bundled with the
+# model via `code_paths`, so a serving environment without this project can load it too.
+# Unpickling runs code from the artifact store, so the registry must be trusted (it is ours);
+# a site that sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false gets MLflow's explicit refusal.
+SERIALIZATION_FORMAT = "pickle"
+
+
+class RegistryError(LookupError):
+    """A registry lookup or registration problem, with a one-line message."""
+
+
+# ---- names -----------------------------------------------------------------------------------
+
+
+def model_name_for(cfg: Config) -> str:
+    """`cfg.tracking.model_name`, else `shike-<dataset>-lt-if<IF>` (+ `-<arch>` when the
+    architecture is not the paper's shike_resnet32), e.g. shike-cifar100-lt-if100,
+    shike-cifar10-lt-if100-resnet32."""
+    if cfg.tracking.model_name:
+        return cfg.tracking.model_name
+    factor = cfg.data.imbalance_factor
+    text = str(int(factor)) if float(factor).is_integer() else f"{factor:g}".replace(".", "p")
+    name = f"shike-{cfg.data.dataset}-lt-if{text}"
+    if cfg.model.arch != "shike_resnet32":
+        name += "-" + cfg.model.arch.replace("_", "-")
+    return name
+
+
+# ---- logging and registering -----------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _base_version(version: str) -> str:
+    return version.split("+", 1)[0]
+
+
+def _pip_requirements() -> list[str]:
+    # Explicit requirements skip MLflow's inference (which loads the model in a subprocess).
+    import torchvision
+
+    return [
+        f"torch=={_base_version(torch.__version__)}",
+        f"torchvision=={_base_version(torchvision.__version__)}",
+        f"numpy=={np.__version__}",
+        f"mlflow=={mlflow.__version__}",
+    ]
+
+
+def _bundle_model_code(dest: Path) -> Path:
+    """Copy `pipeline/__init__.py` and `pipeline/models/*.py` (all the classifier needs) to
+    `dest/pipeline`; returns that folder (for `code_paths`)."""
+    src = Path(__file__).resolve().parent
+    out = dest / "pipeline"
+    (out / "models").mkdir(parents=True)
+    shutil.copy2(src / "__init__.py", out / "__init__.py")
+    for path in sorted((src / "models").glob("*.py")):
+        shutil.copy2(path, out / "models" / path.name)
+    return out
+
+
+def example_images(n: int = 2, image_size: int = 32, seed: int = 0) -> np.ndarray:
+    """A deterministic uint8 (n, H, W, 3) batch (the logged input example; n >= 2)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, image_size, image_size, 3), dtype=np.uint8)
+
+
+def _metric_tags(metrics: Mapping[str, Any] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in (metrics or {}).items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if number == number:  # not NaN
+            out[re.sub(r"[^A-Za-z0-9_.-]+", "_", key)] = f"{number:.6g}"
+    return out
+
+
+def log_and_register(
+    run_id: str,
+    model: nn.Module,
+    class_names: Sequence[str],
+    name: str,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int = 32,
+    metrics: Mapping[str, Any] | None = None,
+    alias: str | None = CANDIDATE,
+    tracking_uri: str | None = None,
+) -> ModelVersion:
+    """Log `model` (a trained ShikeNet, in the stage whose heads should serve, or an
+    `ImageClassifier`) as the run's inference model and register it as a new version of `name`.
+
+    The logged model has a signature (uint8 (-1, H, W, 3) -> float32 (-1, C)), a two-image
+    input example, `class_names` in its MLmodel metadata and as `class_names.json`, and
+    `class_names` on the loaded module. The version is tagged with `metrics` (`val/acc` ->
+    tag `val_acc`), the run id and the run's config / dataset hashes; `alias` (default
+    `candidate`, None for none) is moved to it. Returns the version as stored.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_server(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if not _is_missing(exc):
+            raise
+        raise RegistryError(f"no MLflow run {run_id} at {redact_uri(uri)}") from exc
+
+    names = [str(c) for c in class_names]
+    if isinstance(model, ImageClassifier):
+        classifier = copy.deepcopy(model).cpu().eval()
+    else:
+        net = copy.deepcopy(_unwrap(model)).cpu().eval()
+        classifier = ImageClassifier(net, mean, std, names).eval()
+    if list(classifier.class_names) != names:
+        raise RegistryError("the classifier's class_names differ from the class_names given")
+
+    example = example_images(2, image_size)
+    with torch.no_grad():
+        probs = classifier(torch.from_numpy(example)).numpy()
+    if probs.shape != (2, len(names)):
+        raise RegistryError(
+            f"model outputs shape {probs.shape[1:]} per image, but {len(names)} class names given"
+        )
+    signature = infer_signature(example, probs)
+    metadata = {
+        "class_names": names,
+        "num_classes": len(names),
+        "input": f"uint8 RGB images (N, {image_size}, {image_size}, 3)",
+        "output": "class probabilities (N, C)",
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "image_size": int(image_size),
+    }
+    version_tags = {TAG_RUN_ID: run_id, **_metric_tags(metrics)}
+    for key in (TAG_RUN_NAME, TAG_CONFIG_HASH, TAG_MANIFEST_HASH):
+        if key in run.data.tags:
+            version_tags[key] = run.data.tags[key]
+    for key, value in list(version_tags.items()):
+        _check_key("model version tag", key)
+        version_tags[key] = _check_value("model version tag", key, value)
+
+    # The LoggedModel is created explicitly in the run's experiment: MLflow's fluent helper
+    # would otherwise pick the process's "current" experiment (Default, or $MLFLOW_EXPERIMENT_ID).
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id, name=MODEL_ARTIFACT_NAME, source_run_id=run_id
+    )
+    with tempfile.TemporaryDirectory(prefix="shike-model-") as tmp:
+        code_dir = _bundle_model_code(Path(tmp) / "code")
+        names_file = Path(tmp) / CLASS_NAMES_FILE
+        names_file.write_text(json.dumps(names, indent=1) + "\n")
+        with mlflow_uris(uri):
+            info = mlflow.pytorch.log_model(
+                classifier,
+                name=MODEL_ARTIFACT_NAME,
+                model_id=logged.model_id,
+                run_id=run_id,
+                signature=signature,
+                input_example=example,
+                metadata=metadata,
+                code_paths=[str(code_dir)],
+                extra_files=[str(names_file)],
+                pip_requirements=_pip_requirements(),
+                serialization_format=SERIALIZATION_FORMAT,
+            )
+            mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return client.get_model_version(name, mv.version)
+
+
+# ---- lookup ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ModelRef:
+    kind: str  # "alias" | "version" | "latest" | "run"
+    name: str = ""
+    ref: str = ""  # alias, version, or run id
+    path: str = ""  # runs:/ artifact path
+
+
+_MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+_MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>[^/@]+)$")
+_RUNS = re.compile(r"^runs:/(?P<run>[0-9a-zA-Z]+)(?:/(?P<path>.*))?$")
+
+
+def _parse(model_uri: str) -> _ModelRef:
+    if m := _MODELS_ALIAS.match(model_uri):
+        return _ModelRef("alias", m["name"], m["alias"])
+    if m := _MODELS_VERSION.match(model_uri):
+        version = m["version"]
+        if version == "latest":
+            return _ModelRef("latest", m["name"])
+        if not version.isdigit():
+            raise RegistryError(
+                f"bad model URI {model_uri!r}: version must be a number or 'latest' "
+                "(stages are not used: address models by alias, models:/<name>@<alias>)"
+            )
+        return _ModelRef("version", m["name"], version)
+    if m := _RUNS.match(model_uri):
+        return _ModelRef("run", ref=m["run"], path=(m["path"] or "").strip("/"))
+    raise RegistryError(
+        f"unsupported model URI {model_uri!r}: use models:/<name>@<alias>, "
+        "models:/<name>/<version> or runs:/<run_id>/<path>"
+    )
+
+
+_MISSING_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"})
+
+
+def _is_missing(exc: MlflowException) -> bool:
+    """Whether MLflow reports a missing model / version / alias (not an outage or auth error)."""
+    return getattr(exc, "error_code", None) in _MISSING_CODES
+
+
+def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_server(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _require_model(client: MlflowClient, name: str, uri: str) -> Any:
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if not _is_missing(exc):
+            raise
+        known = sorted(m.name for m in client.search_registered_models(max_results=50))
+        listing = ", ".join(known) if known else "none"
+        raise RegistryError(
+            f"no registered model named '{name}' at {redact_uri(uri)} (registered: {listing})"
+        ) from None
+
+
+def _versions(client: MlflowClient, filter_string: str) -> list[ModelVersion]:
+    found = client.search_model_versions(filter_string, max_results=1000)
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None) -> ModelVersion:
+    """The registered `ModelVersion` a model URI designates (for runs:/, the newest version
+    registered from that run); a `RegistryError` naming what is missing otherwise."""
+    ref = _parse(model_uri)
+    client, uri = _client(tracking_uri)
+    if ref.kind == "run":
+        versions = _versions(client, f"run_id = '{ref.ref}'")
+        if ref.path and len(versions) > 1:
+            named = [v for v in versions if _logged_model_name(client, v) == ref.path]
+            versions = named or versions
+        if not versions:
+            raise RegistryError(f"no registered model version comes from run {ref.ref}")
+        return versions[-1]
+
+    registered = _require_model(client, ref.name, uri)
+    if ref.kind == "alias":
+        try:
+            return client.get_model_version_by_alias(ref.name, ref.ref)
+        except MlflowException as exc:
+            if not _is_missing(exc):
+                raise
+            aliases = getattr(registered, "aliases", {}) or {}
+            listing = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+            raise RegistryError(
+                f"model '{ref.name}' has no alias '{ref.ref}' (aliases: {listing})"
+            ) from None
+    versions = _versions(client, f"name = '{ref.name}'")
+    if ref.kind == "latest":
+        if not versions:
+            raise RegistryError(f"model '{ref.name}' has no versions")
+        return versions[-1]
+    try:
+        return client.get_model_version(ref.name, ref.ref)
+    except MlflowException as exc:
+        if not _is_missing(exc):
+            raise
+        listing = ", ".join(str(v.version) for v in versions) or "none"
+        raise RegistryError(
+            f"model '{ref.name}' has no version {ref.ref} (versions: {listing})"
+        ) from None
+
+
+def _logged_model_name(client: MlflowClient, version: ModelVersion) -> str | None:
+    model_id = getattr(version, "model_id", None)
+    source = str(version.source or "")
+    if not model_id and source.startswith("models:/m-"):
+        model_id = source[len("models:/") :].split("/", 1)[0]
+    if not model_id:
+        return None
+    try:
+        return client.get_logged_model(model_id).name
+    except MlflowException:
+        return None
+
+
+def _loadable_uri(model_uri: str, tracking_uri: str | None) -> str:
+    """Check a models:/ URI resolves (clear errors) before MLflow downloads anything."""
+    ref = _parse(model_uri)
+    if ref.kind in ("alias", "version", "latest"):
+        mv = resolve_model_version(model_uri, tracking_uri=tracking_uri)
+        return f"models:/{mv.name}/{mv.version}"
+    return model_uri
+
+
+def load_classifier(
+    model_uri: str, *, tracking_uri: str | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The registered `ImageClassifier` (eager, in eval mode, on `device`): uint8 (N, H, W, 3)
+    tensor in, probabilities (N, C) out, `.class_names` set."""
+    uri = resolve_tracking_uri(tracking_uri)
+    target = _loadable_uri(model_uri, uri)
+    with mlflow_uris(uri):
+        try:
+            model = mlflow.pytorch.load_model(target, map_location=torch.device(device))
+        except MlflowException as exc:
+            raise RegistryError(f"cannot load {model_uri}: {exc.message}") from exc
+    return model.to(device).eval()
+
+
+def load_pyfunc(model_uri: str, *, tracking_uri: str | None = None) -> Any:
+    """The model as an `mlflow.pyfunc.PyFuncModel` (`predict(uint8 ndarray) -> ndarray`)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    target = _loadable_uri(model_uri, uri)
+    with mlflow_uris(uri):
+        try:
+            return mlflow.pyfunc.load_model(target)
+        except MlflowException as exc:
+            raise RegistryError(f"cannot load {model_uri}: {exc.message}") from exc
+
+
+def class_names_of(model_uri: str, *, tracking_uri: str | None = None) -> list[str]:
+    """Class names stored with the model (MLmodel metadata; only the MLmodel file is read)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    target = _loadable_uri(model_uri, uri)
+    with mlflow_uris(uri):
+        try:
+            info = mlflow.models.get_model_info(target)
+        except MlflowException as exc:
+            raise RegistryError(f"cannot read {model_uri}: {exc.message}") from exc
+    names = (info.metadata or {}).get("class_names")
+    if not names:
+        raise RegistryError(f"{model_uri} carries no class_names metadata")
+    return [str(n) for n in names]
+
+
+# ---- aliases ---------------------------------------------------------------------------------
+
+
+def set_alias(
+    name: str, alias: str, version: str | int, *, tracking_uri: str | None = None
+) -> None:
+    """Point `alias` of model `name` at `version` (which must exist)."""
+    client, _ = _client(tracking_uri)
+    resolve_model_version(f"models:/{name}/{version}", tracking_uri=tracking_uri)
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def get_alias_version(
+    name: str, alias: str, *, tracking_uri: str | None = None
+) -> ModelVersion | None:
+    """The version `alias` points at; None when the alias is unset (unknown model: error)."""
+    client, uri = _client(tracking_uri)
+    _require_model(client, name, uri)
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return None
+        raise
+
+
+__all__ = [
+    "CANDIDATE",
+    "CHAMPION",
+    "RegistryError",
+    "TrackingError",
+    "class_names_of",
+    "get_alias_version",
+    "load_classifier",
+    "load_pyfunc",
+    "log_and_register",
+    "model_name_for",
+    "resolve_model_version",
+    "set_alias",
+]

@@ -1,0 +1,554 @@
+"""MLflow tracking: one stable run per run name, params/metrics/artifacts, evaluation plots.
+
+Everything goes through an explicit `MlflowClient(tracking_uri)`: nothing here relies on
+MLflow's process-global "active run", so the driver, a Ray Train worker or a notebook can log
+into the same run by its id without stepping on each other.
+
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    run_id = start_or_resume_run(uri, cfg.tracking.experiment, run_name, standard_tags(cfg))
+    log = RunLogger(uri, run_id)
+    log.log_config(cfg)                         # params (immutable: re-logging must agree) + YAML
+    log.log_metrics({"train/loss": 0.7}, step=epoch)
+    log.log_evaluation("test", results, class_counts, class_names, counts=eval_counts)
+    log.finish("FINISHED")
+
+Tracking URIs: the config value, else $MLFLOW_TRACKING_URI, else the embedded default
+`sqlite:///<cwd>/mlflow.db`. For every SQLite store the experiment's artifact location is
+pinned to `<folder of the .db file>/mlartifacts/<experiment>` when we create the experiment (so
+the default keeps artifacts in `<cwd>/mlartifacts`, and a store in a temporary folder keeps its
+artifacts there too, never in the process's working directory). Against an `mlflow server`
+(http/https) the server decides (`--artifacts-destination`, proxied with `--serve-artifacts`).
+
+Credentials never reach MLflow: params and tags come from the config (which holds none), keys
+that look like secrets are refused, values equal to a credential in the environment are refused,
+and passwords inside URIs (`https://user:pw@host`) are masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline import plots
+from pipeline.metrics import lt_groups
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.metrics import EvalCounts
+
+# Tag keys written by the pipeline.
+TAG_RUN_NAME = "shike.run_name"  # the stable key a relaunch finds its MLflow run by
+TAG_CONFIG_HASH = "shike.config_hash"
+TAG_MANIFEST_HASH = "shike.dataset_manifest_hash"
+TAG_SEED = "shike.seed"
+TAG_GIT_DIRTY = "shike.git_dirty"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own key, shown in its UI
+TAG_MLFLOW_RUN_NAME = "mlflow.runName"
+TAG_PARENT_RUN_ID = "mlflow.parentRunId"
+
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+DEFAULT_DB_NAME = "mlflow.db"
+ARTIFACTS_DIR_NAME = "mlartifacts"
+
+# Environment variables holding credentials: their values must never appear in params/tags.
+_CREDENTIAL_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "DATABRICKS_TOKEN",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_CONNECTION_STRING",
+)
+_SECRET_WORDS = frozenset(
+    {
+        "password", "passwd", "pwd", "secret", "secrets", "token", "tokens", "credential",
+        "credentials", "apikey", "accesskey", "secretkey", "privatekey", "sessiontoken",
+        "authorization", "auth", "cookie", "passphrase",
+    }
+)  # fmt: skip
+_SECRET_PAIRS = frozenset(
+    {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"),
+     ("session", "token"), ("client", "secret"), ("sas", "token")}
+)  # fmt: skip
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]+):[^/@\s]+@")
+
+# MLflow's log_batch limits per request.
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_TAGS_PER_BATCH = 100
+
+
+class TrackingError(RuntimeError):
+    """A tracking problem, with a one-line message (names the URI / run / key involved)."""
+
+
+# ---- URIs and the server -------------------------------------------------------------------
+
+
+def redact_uri(uri: str) -> str:
+    """`https://user:pw@host/x` -> `https://user:***@host/x` (for messages and logged values)."""
+    return _URI_PASSWORD.sub(r"\g<scheme>:***@", uri)
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """The config value, else $MLFLOW_TRACKING_URI, else `sqlite:///<abs cwd>/mlflow.db`."""
+    if configured:
+        return configured
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB_NAME}"
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def sqlite_artifact_root(uri: str) -> Path | None:
+    """`<folder of the .db file>/mlartifacts` for a SQLite tracking URI; None for other stores
+    (and for an in-memory SQLite database)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    rest = uri[len("sqlite:") :]
+    if not rest.startswith("///"):
+        return None  # sqlite:// (in memory) or a form we do not interpret
+    path = rest[3:].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    # sqlite:////abs/x.db -> "/abs/x.db"; sqlite:///rel/x.db -> "rel/x.db" (relative to cwd).
+    return Path(path).expanduser().resolve().parent / ARTIFACTS_DIR_NAME
+
+
+def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, within `timeout_s`, when an http(s) tracking server does not answer.
+
+    MLflow's own client retries an unreachable server with back-off for minutes; this probe
+    (GET <uri>/health) turns that into one clear error. SQLite / file stores: no-op.
+    """
+    if not _is_http(uri):
+        return
+    url = uri.rstrip("/") + "/health"
+    # Userinfo in the URL would be sent by urllib as part of the host: strip it for the probe.
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    outcome: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310
+                outcome["status"] = resp.status
+        except urllib.error.HTTPError as exc:  # the server answered, with an error status
+            outcome["status"] = exc.code
+        except Exception as exc:  # connection refused, DNS failure, socket timeout, TLS
+            outcome["error"] = exc
+
+    # A thread bounds the whole probe (name resolution included, which urllib does not time).
+    worker = threading.Thread(target=probe, daemon=True, name="mlflow-health-probe")
+    worker.start()
+    worker.join(timeout_s)
+    shown = redact_uri(uri)
+    if worker.is_alive():
+        raise TrackingError(f"MLflow tracking server {shown} did not answer within {timeout_s:g} s")
+    if "error" in outcome:
+        exc = outcome["error"]
+        reason = getattr(exc, "reason", None) or exc
+        raise TrackingError(f"MLflow tracking server {shown} is unreachable: {reason}")
+    status = outcome.get("status", 0)
+    if status >= 500:
+        raise TrackingError(
+            f"MLflow tracking server {shown} is unhealthy: HTTP {status} on /health"
+        )
+
+
+@contextlib.contextmanager
+def mlflow_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's process-global tracking and registry URIs at `uri` for the block.
+
+    Needed only for MLflow's fluent helpers (model logging, `models:/` loading) which read the
+    globals; the previous values (and the MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI variables
+    that `set_tracking_uri` exports) are restored afterwards. Not for concurrent threads.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    saved_tracking = getattr(tracking_utils, "_tracking_uri", None)
+    saved_registry = getattr(registry_utils, "_registry_uri", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri = saved_tracking
+        registry_utils._registry_uri = saved_registry
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ---- experiments and runs ------------------------------------------------------------------
+
+
+def _safe_dir_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+    return cleaned[:100]
+
+
+def get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    """Experiment id for `name`, creating it (restoring it if deleted) as needed."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        root = sqlite_artifact_root(uri)
+        location = (root / _safe_dir_name(name)).as_uri() if root is not None else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            # Another process created it between our lookup and create: use theirs.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise TrackingError(
+                    f"cannot create MLflow experiment '{name}' at {redact_uri(uri)}: {exc.message}"
+                ) from exc
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def find_runs(uri: str, experiment: str, run_name: str) -> list[Any]:
+    """Active (not deleted) runs of `experiment` tagged `shike.run_name=<run_name>`."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{TAG_RUN_NAME}` = '{run_name}'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=10,
+    )
+
+
+def start_or_resume_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, Any] | None = None,
+    *,
+    parent_run_id: str | None = None,
+) -> str:
+    """The id of *the* MLflow run for `run_name` in `experiment`: created on first launch,
+    reused (status set back to RUNNING) on every relaunch, whatever its status was.
+
+    Runs are found by the `shike.run_name` tag (MLflow's display name is editable in the UI, the
+    tag is ours). Deleted runs are ignored. Two live runs with the tag is an error: which one
+    a relaunch should continue cannot be decided. `parent_run_id` nests the run under
+    another (a sweep's parent run; MLflow's `mlflow.parentRunId` tag).
+    """
+    if not run_name or "'" in run_name or "\\" in run_name:
+        raise TrackingError(f"invalid run name {run_name!r}: must be non-empty, without ' or \\")
+    check_tracking_server(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = get_or_create_experiment(client, uri, experiment)
+    all_tags = {
+        **_clean_tags(dict(tags or {})),
+        TAG_RUN_NAME: run_name,
+        TAG_MLFLOW_RUN_NAME: run_name,
+    }
+    if parent_run_id:
+        all_tags[TAG_PARENT_RUN_ID] = parent_run_id
+    runs = find_runs(uri, experiment, run_name)
+    if len(runs) > 1:
+        ids = ", ".join(r.info.run_id for r in runs)
+        raise TrackingError(
+            f"experiment '{experiment}' has {len(runs)} runs tagged {TAG_RUN_NAME}={run_name} "
+            f"({ids}); delete all but one in MLflow, then relaunch"
+        )
+    if runs:
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+    _log_tags(client, run_id, all_tags)
+    return run_id
+
+
+# ---- secrets guard ---------------------------------------------------------------------------
+
+
+def looks_secret(key: str) -> bool:
+    """Whether a param/tag key names a credential (password, token, access key, ...)."""
+    lowered = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
+    parts = [p for p in re.split(r"[^a-z0-9]+", lowered) if p]
+    if any(p in _SECRET_WORDS or p.startswith("aws") for p in parts):
+        return True
+    return any(pair in _SECRET_PAIRS for pair in zip(parts, parts[1:], strict=False))
+
+
+def _check_value(kind: str, key: str, value: str) -> str:
+    for var in _CREDENTIAL_ENV_VARS:
+        secret = os.environ.get(var)
+        if secret and len(secret) >= 4 and secret in value:
+            raise TrackingError(
+                f"refusing to log {kind} '{key}' to MLflow: its value contains ${var}"
+            )
+    return redact_uri(value)
+
+
+def _check_key(kind: str, key: str) -> None:
+    if looks_secret(key):
+        raise TrackingError(
+            f"refusing to log {kind} '{key}' to MLflow: the name looks like a credential"
+        )
+
+
+def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tags.items():
+        if value is None:
+            continue
+        _check_key("tag", key)
+        out[key] = _check_value("tag", key, str(value))
+    return out
+
+
+def _log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    items = [RunTag(k, v) for k, v in tags.items()]
+    for i in range(0, len(items), _MAX_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=items[i : i + _MAX_TAGS_PER_BATCH])
+
+
+# ---- standard tags ---------------------------------------------------------------------------
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout holding this package; ($SHIKE_GIT_COMMIT, None) when
+    set (cluster jobs ship the code without .git); (None, None) when unknown."""
+    env = os.environ.get("SHIKE_GIT_COMMIT")
+    if env:
+        return env, None
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return (commit or None), bool(status.strip())
+
+
+def manifest_hash(manifest: Mapping[str, Any] | Any) -> str:
+    """Stable 16-hex hash of a dataset manifest (a dict or an object with `to_dict()`)."""
+    data = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def standard_tags(cfg: Config, manifest_hash: str | None = None) -> dict[str, str]:
+    """Tags every training run carries: git commit (+ dirty flag), config hash, dataset
+    manifest hash, seed, dataset, architecture."""
+    tags = {
+        TAG_CONFIG_HASH: cfg.config_hash(),
+        TAG_SEED: str(cfg.train.seed),
+        "shike.dataset": cfg.data.dataset,
+        "shike.imbalance_factor": f"{cfg.data.imbalance_factor:g}",
+        "shike.arch": cfg.model.arch,
+    }
+    if manifest_hash:
+        tags[TAG_MANIFEST_HASH] = manifest_hash
+    commit, dirty = git_commit()
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+    if dirty is not None:
+        tags[TAG_GIT_DIRTY] = str(dirty).lower()
+    return tags
+
+
+# ---- logging into one run --------------------------------------------------------------------
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+class RunLogger:
+    """Logs into an existing run by id (see `start_or_resume_run`); safe to construct anywhere."""
+
+    SCALAR_KEYS = ("acc", "top5", "ece", "acc_many", "acc_medium", "acc_few", "num_samples")
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=uri)
+
+    # -- config, tags, dataset
+
+    def log_config(self, cfg: Config) -> None:
+        """Flattened config as params (`loss.dkt_weight`) plus `config.yaml`.
+
+        MLflow params are immutable. On a resumed run, params already logged with the same
+        value are skipped; a different value is an error naming the key (a run name stands for
+        one config: change the run name to change the config).
+        """
+        params: dict[str, str] = {}
+        for key, value in cfg.flat().items():
+            _check_key("param", key)
+            params[key] = _check_value("param", key, str(value))
+        existing = self.client.get_run(self.run_id).data.params
+        differing = [k for k, v in params.items() if k in existing and existing[k] != v]
+        if differing:
+            shown = "; ".join(
+                f"{k}: logged {existing[k]!r}, now {params[k]!r}" for k in differing[:5]
+            )
+            more = f" (+{len(differing) - 5} more)" if len(differing) > 5 else ""
+            raise TrackingError(
+                f"MLflow run {self.run_id} was logged with a different config ({shown}{more}); "
+                "params cannot change: relaunch with the original config or a new run name"
+            )
+        todo = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(todo), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=todo[i : i + _MAX_PARAMS_PER_BATCH])
+        self.client.log_text(self.run_id, cfg.to_yaml(), "config.yaml")
+
+    def log_tags(self, tags: Mapping[str, Any]) -> None:
+        _log_tags(self.client, self.run_id, _clean_tags(tags))
+
+    def log_manifest(self, manifest: Mapping[str, Any] | Any) -> str:
+        """The dataset manifest as artifact `dataset/manifest.json` and its hash as a tag."""
+        data = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
+        digest = manifest_hash(data)
+        self.client.log_text(
+            self.run_id, json.dumps(data, indent=2, default=str) + "\n", "dataset/manifest.json"
+        )
+        self.log_tags({TAG_MANIFEST_HASH: digest})
+        return digest
+
+    # -- metrics
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log `{"train/loss": 0.7, ...}` at `step` (keys as given). NaN / inf / non-numeric
+        values are skipped (MLflow cannot chart them)."""
+        stamp = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            number = _finite(value)
+            if number is not None:
+                items.append(Metric(key, number, stamp, int(step or 0)))
+        for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
+
+    def log_evaluation(
+        self,
+        split: str,
+        results: Mapping[str, Any],
+        class_counts: Sequence[int],
+        class_names: Sequence[str] | None = None,
+        *,
+        counts: EvalCounts | None = None,
+        bin_counts: Sequence[float] | None = None,
+        bin_conf: Sequence[float] | None = None,
+        bin_acc: Sequence[float] | None = None,
+        step: int | None = None,
+        scalars: bool = True,
+    ) -> None:
+        """Final evaluation of one split (results of `EvalCounts.compute`).
+
+        Logs `<split>/acc`, `/top5`, `/ece`, `/acc_many`, `/acc_medium`, `/acc_few`,
+        `/num_samples`; artifact `<split>/per_class.csv` (id, name, training images, group,
+        evaluated samples when known, accuracy); figures `<split>/per_class_accuracy.png` and,
+        when calibration bins are available, `<split>/reliability.png`. The bins come from
+        `counts` (the `EvalCounts` the results were computed from) or from explicit per-bin
+        arrays (sample count, mean confidence, accuracy). The scalars go at `step` (None:
+        MLflow's 0); pass `scalars=False` when the same keys are already logged per epoch with
+        `log_metrics` (a step-0 point would otherwise join that history).
+        """
+        per_class = [float(a) for a in results["per_class_acc"]]
+        num_classes = len(per_class)
+        if len(class_counts) != num_classes:
+            raise ValueError(
+                f"class_counts has {len(class_counts)} entries, results have {num_classes} classes"
+            )
+        names = [str(n) for n in class_names] if class_names is not None else None
+        if names is not None and len(names) != num_classes:
+            raise ValueError(f"class_names has {len(names)} entries, expected {num_classes}")
+
+        if scalars:
+            self.log_metrics(
+                {f"{split}/{k}": results[k] for k in self.SCALAR_KEYS if k in results}, step=step
+            )
+
+        group_of = {c: g for g, ids in lt_groups(list(class_counts)).items() for c in ids}
+        totals = counts.class_total.cpu().tolist() if counts is not None else None
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        header = ["class_id", "class_name", "train_images", "group"]
+        header += ["eval_samples"] if totals is not None else []
+        writer.writerow([*header, "accuracy"])
+        for c in range(num_classes):
+            row = [c, names[c] if names else str(c), int(class_counts[c]), group_of[c]]
+            row += [int(totals[c])] if totals is not None else []
+            acc = per_class[c]
+            writer.writerow([*row, "" if math.isnan(acc) else f"{acc:.6f}"])
+        self.client.log_text(self.run_id, buf.getvalue(), f"{split}/per_class.csv")
+
+        fig = plots.per_class_accuracy_figure(
+            per_class, class_counts, names, title=f"{split}: per-class accuracy"
+        )
+        self.client.log_figure(self.run_id, fig, f"{split}/per_class_accuracy.png")
+
+        if counts is not None:
+            bin_counts, bin_conf, bin_acc = plots.reliability_bins(
+                counts.bin_count.cpu().tolist(),
+                counts.bin_correct.cpu().tolist(),
+                counts.bin_confidence.cpu().tolist(),
+            )
+        if bin_counts is not None and bin_conf is not None and bin_acc is not None:
+            ece = _finite(results.get("ece"))
+            fig = plots.reliability_figure(
+                bin_counts, bin_conf, bin_acc, ece=ece, title=f"{split}: reliability"
+            )
+            self.client.log_figure(self.run_id, fig, f"{split}/reliability.png")
+
+    # -- end
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
+        self.client.set_terminated(self.run_id, status=status)
