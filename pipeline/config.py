@@ -244,10 +244,17 @@ def _format_error(exc: ValidationError) -> str:
     return f"invalid config '{loc}': {msg}"
 
 
-def build_config(tree: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+def build_config(
+    tree: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Validate `tree` after applying `key=value` strings, then typed `{dotted key: value}`."""
     data: dict[str, Any] = json.loads(json.dumps(tree or {}))
     for text in overrides or []:
         key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    for key, value in (values or {}).items():
         _set_dotted(data, key, value)
     try:
         return Config.model_validate(data)

@@ -180,21 +180,30 @@ def evaluate(
     device: torch.device,
     amp: bool = False,
     channels_last: bool = False,
-) -> EvalCounts:
+    logit_adjustment: torch.Tensor | None = None,
+) -> tuple[EvalCounts, EvalCounts | None]:
     """Counts for the experts' mean logits (SHIKE.md §1.2), in eval() mode (BN running
-    statistics); the caller's train/eval mode is restored afterwards."""
+    statistics); the caller's train/eval mode is restored afterwards.
+
+    With `logit_adjustment` (e.g. tau * log class prior) a second set of counts is kept for the
+    post-hoc adjusted logits `mean - adjustment`: during stage 1 this anticipates what stage-2
+    balanced-softmax re-training will give, which is what a sweep should compare.
+    """
     was_training = model.training
     model.eval()
     counts = EvalCounts(num_classes)
+    adjusted = EvalCounts(num_classes) if logit_adjustment is not None else None
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, amp):
-            mean_logits = model(images).float().mean(dim=0)
-        counts.update(mean_logits.cpu(), labels)
+            mean_logits = model(images).float().mean(dim=0).cpu()
+        counts.update(mean_logits, labels)
+        if adjusted is not None:
+            adjusted.update(mean_logits - logit_adjustment, labels)
     model.train(was_training)
-    return counts
+    return counts, adjusted
 
 
 # ----------------------------------------------------------------------------- session
@@ -265,7 +274,14 @@ class TrainingSession:
         self.epoch += 1
         return stats
 
-    def evaluate(self, batches: Batches) -> EvalCounts:
+    def evaluate(
+        self, batches: Batches, adjust: bool = False
+    ) -> tuple[EvalCounts, EvalCounts | None]:
+        """(counts, counts after post-hoc logit adjustment by tau * log prior, or None)."""
+        adjustment = None
+        if adjust:
+            prior = torch.tensor(self.class_counts, dtype=torch.float32).clamp_min(1)
+            adjustment = self.cfg.loss.tau * torch.log(prior / prior.sum())
         return evaluate(
             self.model,
             batches,
@@ -273,6 +289,7 @@ class TrainingSession:
             self.device,
             self.amp,
             self.cfg.train.channels_last,
+            adjustment,
         )
 
     # -- checkpoint
@@ -378,7 +395,7 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
         stats = session.run_epoch(train_batches)
         val = None
         if len(data.val.labels) and (session.epoch % cfg.train.eval_every == 0 or session.finished):
-            val = session.evaluate(val_loader).compute(class_counts=data.class_counts)
+            val = session.evaluate(val_loader)[0].compute(class_counts=data.class_counts)
             stats["val_acc"] = val["acc"]
         done = session.epoch - first_epoch
         eta = (time.perf_counter() - started) / done * (cfg.optim.epochs - session.epoch)
@@ -386,7 +403,7 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
         history.append(stats)
         if checkpoint_dir and (session.epoch % cfg.train.checkpoint_every == 0 or session.finished):
             session.save(checkpoint_dir)
-    test = session.evaluate(make_loader(data.test, cfg.data, 256, train=False, pin_memory=pin))
+    test, _ = session.evaluate(make_loader(data.test, cfg.data, 256, train=False, pin_memory=pin))
     results = test.compute(class_counts=data.class_counts)
     log(format_results("test", results))
     log(f"wall time {format_duration(time.perf_counter() - started)}")

@@ -427,6 +427,20 @@ def class_names_of(model_uri: str, *, tracking_uri: str | None = None) -> list[s
 # ---- aliases ---------------------------------------------------------------------------------
 
 
+def set_version_tags(
+    name: str, version: str | int, tags: dict[str, Any], *, tracking_uri: str | None = None
+) -> None:
+    """Tag a model version; keys and values pass the same secret guards as run tags."""
+    from pipeline.tracking import _check_key, _check_value
+
+    client, _ = _client(tracking_uri)
+    for key, value in tags.items():
+        _check_key("model version tag", key)
+        client.set_model_version_tag(
+            name, str(version), key, _check_value("model version tag", key, value)
+        )
+
+
 def set_alias(
     name: str, alias: str, version: str | int, *, tracking_uri: str | None = None
 ) -> None:

@@ -70,7 +70,9 @@ def load_prepared(uri: str, test_per_class: int | None = None) -> LongTailedData
     manifest = read_manifest(uri)
     test = load_split(manifest, "test")
     if test_per_class is not None:
-        keep = select_balanced(test.labels, test_per_class, num_classes=manifest.num_classes, allow_empty=True)
+        keep = select_balanced(
+            test.labels, test_per_class, num_classes=manifest.num_classes, allow_empty=True
+        )
         test = test.take(keep)
     return LongTailedData(
         name=manifest.dataset,

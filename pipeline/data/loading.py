@@ -19,7 +19,9 @@ from pipeline.data.transforms import apply_to_batch, build_transform
 COLUMNS = ["image", "label"]
 
 
-def decode_and_transform(batch: dict[str, np.ndarray], augment: str, train: bool) -> dict[str, np.ndarray]:
+def decode_and_transform(
+    batch: dict[str, np.ndarray], augment: str, train: bool
+) -> dict[str, np.ndarray]:
     """PNG bytes -> normalised float NCHW batch; the train transform is random per image."""
     images = decode_images(list(batch["image"]), "shard rows")
     transform = build_transform(augment, train=train)
@@ -56,10 +58,19 @@ def split_dataset(
     )
 
 
+def quiet_progress() -> None:
+    """Ray Data's per-operator progress bars print several lines per epoch and split; the
+    training loop prints its own one line per epoch instead."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+
+
 def training_datasets(
     uri: str, augment: str, seed: int, s3: S3Options | None = None
 ) -> tuple[Manifest, dict[str, ray.data.Dataset]]:
     """Manifest + {"train", "val", "test"} datasets for a TorchTrainer."""
+    quiet_progress()
     manifest = read_manifest(uri, s3)
     datasets = {"train": split_dataset(manifest, "train", augment=augment, train=True, seed=seed)}
     for split in ("val", "test"):

@@ -137,7 +137,9 @@ def test_evaluate_reports_lt_groups():
     cfg = _cfg()
     session = TrainingSession(cfg, [500] * 3 + [50] * 3 + [5] * 4, torch.device("cpu"))
     loader = make_loader(_split(3), cfg.data, 16, train=False)
-    res = session.evaluate(loader).compute(class_counts=session.class_counts)
+    counts, adjusted = session.evaluate(loader, adjust=True)
+    res = counts.compute(class_counts=session.class_counts)
+    assert adjusted is not None and adjusted.num_samples == 30
     assert res["num_samples"] == 30
     assert 0.0 <= res["acc"] <= 1.0 and not math.isnan(res["acc_few"])
     assert session.model.training  # evaluation restores train mode

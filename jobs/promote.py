@@ -1,0 +1,122 @@
+"""Move the `champion` alias to the `candidate` when it is better on the same held-out split.
+
+    python -m jobs.promote --model-name shike-cifar10-lt-if100 --data s3://datasets/c10-lt
+    python -m jobs.promote --model-name shike-cifar10-lt-if100 --data .data/c10 --dry-run
+
+Evaluates `models:/<name>@candidate` and `models:/<name>@champion` on --split (val by
+default); promotes when there is no champion yet or the candidate's top-1 accuracy is at least
+the champion's + --margin. The decision and both scores are recorded as `promotion.*` tags on
+both versions; --dry-run changes nothing in the registry.
+
+Exit status: 0 when a decision was made (promote, keep, already-champion, first promotion);
+1 with one `error: ...` line on stderr (no candidate alias, unknown model, class mismatch,
+missing dataset, unreachable tracking server); 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _margin(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or value >= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, 1) (a fraction: 0.002 = 0.2%), got {text}"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.promote",
+        description="Promote the candidate model to champion when it beats the champion.",
+    )
+    p.add_argument(
+        "--model-name", required=True, help="registered model, e.g. shike-cifar10-lt-if100"
+    )
+    p.add_argument("--data", required=True, help="prepared dataset: folder, file:// or s3:// URI")
+    p.add_argument(
+        "--split", choices=("val", "test"), default="val",
+        help="held-out split both models are scored on (default: val; test is allowed, with a warning)",
+    )  # fmt: skip
+    p.add_argument(
+        "--margin", type=_margin, default=0.002,
+        help="top-1 accuracy the candidate must gain over the champion (default: 0.002 = 0.2%%)",
+    )  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
+    p.add_argument(
+        "--workers", type=_positive_int, default=1,
+        help="Ray Data inference actors (default 1: in this process, no Ray)",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="default: 256")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="torch intra-op threads in this process (default: torch's choice)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tracking-uri", default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    import warnings
+
+    from pipeline.data import DataError
+    from pipeline.evaluation import EvaluationError, format_decision, promote, split_warning
+    from pipeline.registry import RegistryError
+    from pipeline.tracking import TrackingError, resolve_tracking_uri
+
+    warning = split_warning(args.split)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="promoting on the test split")
+            decision = promote(
+                args.model_name,
+                args.data,
+                split=args.split,
+                margin=args.margin,
+                dry_run=args.dry_run,
+                tracking_uri=resolve_tracking_uri(args.tracking_uri),
+                batch_size=args.batch_size,
+                workers=args.workers,
+                log=lambda msg: print(msg, file=sys.stderr),
+            )
+    except (DataError, EvaluationError, RegistryError, TrackingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_decision(decision))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""Sweeps with Ray Tune over Ray Train runs (Train V2 pattern), tracked as MLflow parent/child.
+
+Each trial is a driver function that builds the trial's config, opens a child MLflow run and
+launches a TorchTrainer whose reports reach Tune through `TuneReportCallback`. ASHA compares
+`val/score`: the val accuracy after stage 2, and during stage 1 the val accuracy with post-hoc
+logit adjustment, which anticipates what stage-2 balanced-softmax re-training will give (plain
+stage-1 accuracy would favour head-class-biased configurations). The test split is never used
+to choose. Relaunching a sweep with the same name resumes it.
+
+Sweep YAML (configs/sweep_*.yaml):
+
+    name: sweep-cifar10
+    base_config: configs/cifar10_lt_if100.yaml
+    overrides: [data.uri=s3://bucket/datasets/cifar10-lt-if100]
+    metric: val/score
+    num_samples: 8
+    scheduler: {grace_period: 20, reduction_factor: 2}
+    searcher: random            # or optuna
+    space:
+      loss.dkt_weight: {choice: [3, 5, 10, 20, 30]}
+      loss.tau: {uniform: [0.5, 1.5]}
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.config import Config, ConfigError, build_config
+
+# ----------------------------------------------------------------------------- the sweep file
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Strict):
+    """Exactly one of: choice (list), grid (list), uniform/loguniform ([low, high]), randint."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of choice/grid/uniform/loguniform/randint (got {given or 'none'})"
+            )
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        """Values that must all form a valid config (bounds for ranges)."""
+        kind, value = next((k, v) for k, v in self.model_dump().items() if v is not None)
+        return list(value)
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.choice is not None:
+            return tune.choice(self.choice)
+        if self.grid is not None:
+            return tune.grid_search(self.grid)
+        if self.uniform is not None:
+            return tune.uniform(*self.uniform)
+        if self.loguniform is not None:
+            return tune.loguniform(*self.loguniform)
+        return tune.randint(*self.randint)
+
+
+class SchedulerSpec(_Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)  # epochs before a trial can be stopped
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepSpec(_Strict):
+    name: str
+    base_config: str
+    overrides: list[str] = []
+    metric: str = "val/score"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    scheduler: SchedulerSpec = SchedulerSpec()
+    searcher: Literal["random", "optuna"] = "random"
+    seed: int | None = 0
+    space: dict[str, Distribution]
+
+
+class SweepError(ValueError):
+    """A bad sweep file or a sweep that could not run; the message names the culprit."""
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, Config]:
+    """Parse a sweep YAML and check every search-space parameter against the config schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file not found: {path}")
+    try:
+        spec = SweepSpec.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise SweepError(f"{path}: '{loc}': {err['msg']}") from None
+    base_path = Path(spec.base_config)
+    if not base_path.is_file() and (path.parent.parent / base_path).is_file():
+        base_path = path.parent.parent / base_path  # relative to the repository root
+    try:
+        from pipeline.config import load_config
+
+        base = load_config(base_path, [*spec.overrides, *(overrides or [])])
+    except ConfigError as exc:
+        raise SweepError(f"{path}: base config: {exc}") from None
+    for key, dist in spec.space.items():
+        for value in dist.values_to_check():
+            try:
+                build_config(base.to_dict(), values={key: value})
+            except ConfigError as exc:
+                raise SweepError(f"{path}: search space parameter '{key}': {exc}") from None
+    return spec, base
+
+
+# ----------------------------------------------------------------------------- trials
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    return build_config(base, values=params)
+
+
+def _trial_driver(params: dict[str, Any], *, base: dict, sweep: dict, context: dict) -> None:
+    """One trial: a child MLflow run and a TorchTrainer whose reports are forwarded to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline import tracking
+    from pipeline.data.loading import training_datasets
+    from pipeline.distributed.train import build_trainer
+
+    cfg = trial_config(base, params)
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"{sweep['name']}-{trial_id}"
+    uri = context["tracking_uri"]
+    manifest, datasets = training_datasets(cfg.data.uri, cfg.data.augment, cfg.train.seed)
+    run_id = tracking.start_or_resume_run(
+        uri,
+        cfg.tracking.experiment,
+        run_name,
+        {
+            **tracking.standard_tags(cfg, tracking.manifest_hash(manifest)),
+            "shike.sweep": sweep["name"],
+            "shike.trial_id": trial_id,
+        },
+        parent_run_id=context["parent_run_id"],
+    )
+    logger = tracking.RunLogger(uri, run_id)
+    logger.log_config(cfg)
+    loop_config = {
+        "config": cfg.to_dict(),
+        "class_counts": list(manifest.class_counts),
+        "class_names": list(manifest.class_names),
+        "tracking_uri": uri,
+        "run_id": run_id,
+        "eval_splits": [s for s in ("val",) if s in datasets],  # never the test split in a sweep
+    }
+    datasets.pop("test", None)
+    trainer = build_trainer(
+        cfg,
+        run_name,
+        datasets,
+        loop_config,
+        callbacks=[TuneReportCallback()],
+        storage_subdir=sweep["name"],
+    )
+    trainer.fit()
+    logger.finish("FINISHED")
+
+
+def max_concurrent(spec: SweepSpec, base: Config) -> int:
+    """Trials that fit the cluster at once: CPUs (or GPUs) / what one trial's workers ask."""
+    import ray
+
+    if spec.max_concurrent_trials:
+        return spec.max_concurrent_trials
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    if gpus and base.cluster.use_gpu != "false":
+        return max(1, int(gpus // base.cluster.num_workers))
+    per_trial = base.cluster.num_workers * base.cluster.cpus_per_worker + 1  # + Ray Data tasks
+    return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def run_sweep(
+    spec: SweepSpec, base: Config, name: str | None = None, register: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns the summary with the best trial and its model version."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pipeline import registry, tracking
+    from pipeline.distributed.train import load_trained_model, storage_location
+
+    name = name or spec.name
+    if not base.data.uri:
+        raise SweepError(
+            "data.uri is not set: add it to the sweep's overrides or pass --set data.uri=..."
+        )
+    uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
+    tracking.check_tracking_server(uri)
+    if not ray.is_initialized():
+        ray.init()
+    parent_id = tracking.start_or_resume_run(
+        uri, base.tracking.experiment, name, {"shike.sweep": name, "shike.kind": "sweep"}
+    )
+    parent = tracking.RunLogger(uri, parent_id)
+    parent.client.log_text(
+        parent_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep.yaml"
+    )
+
+    sweep_dict = spec.model_dump(mode="json") | {"name": name}
+    trainable = tune.with_parameters(
+        _trial_driver,
+        base=base.to_dict(),
+        sweep=sweep_dict,
+        context={"tracking_uri": uri, "parent_run_id": parent_id},
+    )
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the driver only waits
+    epochs = base.optim.epochs
+    if spec.scheduler.type == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=epochs,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if spec.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=spec.seed)
+    storage_path, storage_fs = storage_location(base)
+    experiment_path = (
+        os.path.join(storage_path, name) if storage_fs is None else f"{storage_path}/{name}"
+    )
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable, resume_errored=True, storage_filesystem=storage_fs
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: d.to_tune() for k, d in spec.space.items()},
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                num_samples=spec.num_samples,
+                max_concurrent_trials=max_concurrent(spec, base),
+                scheduler=scheduler,
+                search_alg=search_alg,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, storage_filesystem=storage_fs
+            ),
+        )
+    grid = tuner.fit()
+
+    rows = []
+    for result in grid:
+        iterations = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
+        rows.append(
+            {
+                "trial_id": result.metrics.get("trial_id", "") if result.metrics else "",
+                **{k: result.config.get(k) for k in spec.space},
+                "epochs_run": iterations,
+                "stopped_early": iterations < epochs and result.error is None,
+                spec.metric: (result.metrics or {}).get(spec.metric, float("nan")),
+                "val/acc": (result.metrics or {}).get("val/acc", float("nan")),
+                "error": "" if result.error is None else type(result.error).__name__,
+                "checkpoint_path": (result.metrics or {}).get("checkpoint_path", ""),
+            }
+        )
+    _close_children(uri, base.tracking.experiment, name, rows, epochs)
+    finished = [r for r in rows if r["epochs_run"] == epochs and not r["error"]]
+    candidates = finished or [r for r in rows if not r["error"]]
+    if not candidates:
+        parent.finish("FAILED")
+        raise SweepError(f"sweep '{name}': every trial failed")
+    sign = 1 if spec.mode == "max" else -1
+    best = max(candidates, key=lambda r: sign * _finite(r[spec.metric]))
+    summary = {
+        "name": name,
+        "parent_run_id": parent_id,
+        "trials": rows,
+        "best": best,
+        "trial_epochs_run": sum(r["epochs_run"] for r in rows),
+        "trial_epochs_full": len(rows) * epochs,
+    }
+    parent.log_metrics(
+        {
+            f"best/{spec.metric}": _finite(best[spec.metric]),
+            "trial_epochs_run": summary["trial_epochs_run"],
+            "trial_epochs_full": summary["trial_epochs_full"],
+        }
+    )
+    parent.client.log_text(parent_id, _csv(rows), "sweep_summary.csv")
+    parent.log_tags({"shike.best_trial": best["trial_id"]})
+
+    if register and best["checkpoint_path"]:
+        cfg = trial_config(base.to_dict(), {k: best[k] for k in spec.space})
+        checkpoint = ray.train.Checkpoint(best["checkpoint_path"], filesystem=storage_fs)
+        manifest_classes = _class_names(cfg)
+        model = load_trained_model(checkpoint, cfg, len(manifest_classes))
+        from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
+
+        child_id = tracking.find_runs(uri, cfg.tracking.experiment, f"{name}-{best['trial_id']}")[
+            0
+        ].info.run_id
+        mv = registry.log_and_register(
+            child_id,
+            model,
+            manifest_classes,
+            registry.model_name_for(cfg),
+            mean=CIFAR_MEAN,
+            std=CIFAR_STD,
+            metrics={"val_acc": best["val/acc"]},
+            tracking_uri=uri,
+        )
+        summary["model_version"] = str(mv.version)
+    parent.finish("FINISHED")
+    return summary
+
+
+def _class_names(cfg: Config) -> list[str]:
+    from pipeline.data.shards import read_manifest
+
+    return list(read_manifest(cfg.data.uri).class_names)
+
+
+def _close_children(uri: str, experiment: str, sweep: str, rows: list[dict], epochs: int) -> None:
+    """Trials stopped by ASHA never reach `finish`: mark their child runs KILLED."""
+    from pipeline import tracking
+
+    for row in rows:
+        for run in tracking.find_runs(uri, experiment, f"{sweep}-{row['trial_id']}"):
+            if run.info.status == "RUNNING":
+                status = (
+                    "FAILED"
+                    if row["error"]
+                    else ("KILLED" if row["epochs_run"] < epochs else "FINISHED")
+                )
+                tracking.RunLogger(uri, run.info.run_id).finish(status)
+
+
+def _finite(value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return -math.inf
+    return value if math.isfinite(value) else -math.inf
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial_id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,98 @@
+"""A real Ray head node on 127.0.0.1 for the test session (`ray start --head`).
+
+Started once per session and shared: the in-process tests connect with ray.init(address=...),
+`ray job submit` and subprocess drivers reach it through RAY_ADDRESS. Token auth is disabled
+on both sides (loopback only). 4 logical CPUs on a 2-core machine: Ray Data tasks and two
+0.5-CPU Train workers must fit at once or Ray Data stalls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.helpers.s3_server import free_port
+
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@contextmanager
+def ray_head(tmp_dir: Path, num_cpus: int = 4):
+    """Yield (gcs_address, dashboard_url, env) of a fresh head node; stop it afterwards."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(tmp_dir)}
+    port, dash = free_port(), free_port()
+    cmd = [
+        _ray_bin(),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={tmp_dir}",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    env["RAY_ADDRESS"] = address
+    try:
+        _wait_dashboard(dash)
+        yield address, f"http://127.0.0.1:{dash}", env
+    finally:
+        _stop(tmp_dir)
+
+
+def _stop(tmp_dir: Path) -> None:
+    """Stop only this head's processes (`ray stop` would stop every Ray on the machine): the
+    GCS, raylet and dashboard carry the session's temp dir on their command line; workers and
+    dashboard modules are their descendants."""
+    import psutil
+
+    roots = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(tmp_dir) in " ".join(p.info["cmdline"] or [])
+    ]
+    mine = {p.pid: p for p in roots}
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            mine.update({c.pid: c for c in root.children(recursive=True)})
+    mine = list(mine.values())
+    for proc in mine:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _wait_dashboard(port: int, timeout_s: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"Ray dashboard on port {port} did not come up in {timeout_s}s")

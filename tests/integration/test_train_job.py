@@ -1,0 +1,279 @@
+"""jobs/train.py on a real Ray cluster (127.0.0.1) with a real MLflow SQLite store.
+
+One small prepared dataset (generated images, Parquet shards) is shared by all tests; every
+test uses its own run name, checkpoint storage and MLflow store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers.cifar_archives import write_parquet_folder
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    from pipeline.data.shards import prepare_dataset
+
+    base = tmp_path_factory.mktemp("tiny")
+    write_parquet_folder(base / "raw", train_per_class=40, test_per_class=6)
+    prepare_dataset("cifar10", str(base / "raw"), str(base / "shards"), 4.0, val_per_class=4)
+    return str(base / "shards")
+
+
+def _overrides(tmp_path: Path, data_uri: str, **extra) -> list[str]:
+    values = {
+        "data.uri": data_uri,
+        "optim.epochs": 3,
+        "optim.stage2_start": 2,
+        "optim.batch_size": 32,
+        "optim.warmup_epochs": 0,
+        "cluster.num_workers": 2,
+        "cluster.cpus_per_worker": 0.5,
+        "cluster.storage_path": str(tmp_path / "runs"),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "tracking.model_name": "shike-test",
+        "train.threads": 1,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _train_cmd(tmp_path, data_uri, run_name, **extra):
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--config",
+        "configs/smoke.yaml",
+        "--run-name",
+        run_name,
+    ]
+    for o in _overrides(tmp_path, data_uri, **extra):
+        cmd += ["--set", o]
+    return cmd
+
+
+def _runs(tracking_uri: str, run_name: str):
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("shike")
+    return client.search_runs([exp.experiment_id], f"tags.`shike.run_name` = '{run_name}'")
+
+
+def _checkpoints(storage: Path, run_name: str) -> list[Path]:
+    return (
+        sorted((storage / run_name).glob("checkpoint_*")) if (storage / run_name).exists() else []
+    )
+
+
+def test_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.distributed.train import run_training_job
+
+    cfg = load_config(ROOT / "configs/smoke.yaml", _overrides(tmp_path, tiny_dataset))
+    outcome = run_training_job(cfg, "two-workers")
+    uri = cfg.tracking.tracking_uri
+    client = MlflowClient(uri)
+    [run] = _runs(uri, "two-workers")
+    assert run.info.status == "FINISHED" and run.info.run_id == outcome.mlflow_run_id
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert {"val/acc", "test/acc", "test/acc_few", "train/lr", "train/images_per_s"} <= set(
+        run.data.metrics
+    )
+    assert run.data.params["loss.dkt_weight"] == "10.0"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "test")}
+    assert any(p.endswith(".png") for p in artifacts), artifacts
+    mv = client.get_model_version_by_alias("shike-test", "candidate")
+    assert mv.run_id == run.info.run_id
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/shike-test@candidate")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    probs = np.asarray(model.predict(images))
+    assert probs.shape == (3, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, tiny_dataset, tmp_path):
+    import psutil
+
+    name = "killed-worker"
+    proc = subprocess.Popen(
+        _train_cmd(
+            tmp_path,
+            tiny_dataset,
+            name,
+            **{"optim.epochs": 6, "optim.stage2_start": 5, "cluster.max_failures": 1},
+        ),
+        cwd=ROOT,
+        env=ray_cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # Two checkpoints on disk: the first one has surely been registered by the controller.
+    deadline = time.time() + 240
+    while (
+        len(_checkpoints(tmp_path / "runs", name)) < 2
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
+        time.sleep(0.5)
+    assert len(_checkpoints(tmp_path / "runs", name)) >= 2, "no checkpoint appeared"
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert workers, "no Ray Train worker process found"
+    workers[0].kill()
+    out, _ = proc.communicate(timeout=400)
+    (tmp_path / "driver.log").write_text(out)
+    assert proc.returncode == 0, out[-3000:]
+    resumed = [ln for ln in out.splitlines() if "resumed from checkpoint at epoch" in ln]
+    assert resumed and all(" epoch 0" not in ln for ln in resumed), out[-3000:]
+    runs = _runs(f"sqlite:///{tmp_path}/mlflow.db", name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_driver_stopped_and_relaunched_continues_the_same_run(ray_cluster, tiny_dataset, tmp_path):
+    name = "relaunched"
+    cmd = _train_cmd(tmp_path, tiny_dataset, name, **{"optim.epochs": 6, "optim.stage2_start": 5})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ray_cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while (
+        not _checkpoints(tmp_path / "runs", name) and time.time() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.5)
+    assert _checkpoints(tmp_path / "runs", name), "no checkpoint appeared"
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    [first] = _runs(uri, name)
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from checkpoint at epoch" in done.stdout + done.stderr
+    [again] = _runs(uri, name)
+    assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(again.info.run_id, "train/loss")]
+    assert sorted(set(steps)) == list(range(6))
+
+
+def test_ray_job_submit_to_a_head_node(ray_cluster, tiny_dataset, tmp_path):
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    entry = _train_cmd(
+        tmp_path, tiny_dataset, "submitted", **{"optim.epochs": 2, "optim.stage2_start": 1}
+    )
+    proc = subprocess.run(
+        [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            ray_cluster.dashboard,
+            "--working-dir",
+            ".",
+            "--",
+            *entry,
+        ],
+        cwd=ROOT,
+        env=ray_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "run 'submitted' finished" in proc.stdout
+    [run] = _runs(f"sqlite:///{tmp_path}/mlflow.db", "submitted")
+    assert run.info.status == "FINISHED"
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_model_version_by_alias(
+        "shike-test", "candidate"
+    )
+
+
+def test_unreachable_tracking_server_fails_before_workers_start(tiny_dataset, tmp_path):
+    proc = subprocess.run(
+        _train_cmd(
+            tmp_path, tiny_dataset, "no-server", **{"tracking.tracking_uri": "http://127.0.0.1:9"}
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert proc.returncode != 0
+    assert "127.0.0.1:9" in proc.stderr and "error:" in proc.stderr
+    assert not (tmp_path / "runs").exists()  # no Ray Train run was started
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            "--config",
+            "configs/smoke.yaml",
+            "--set",
+            "optim.epohcs=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown config key 'optim.epohcs'"
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
+    ray_cluster, tiny_dataset, tmp_path
+):
+    from pipeline.config import load_config
+    from pipeline.distributed.train import TrainingJobError, run_training_job
+
+    # A finite first epoch (checkpointed), then stage 2 with a learning rate that overflows.
+    cfg = load_config(
+        ROOT / "configs/smoke.yaml",
+        _overrides(
+            tmp_path,
+            tiny_dataset,
+            **{
+                "optim.epochs": 3,
+                "optim.stage2_start": 1,
+                "optim.stage2_lr": 1e30,
+                "optim.stage2_peak_lr": 1e30,
+            },
+        ),
+    )
+    with pytest.raises(TrainingJobError, match="non-finite"):
+        run_training_job(cfg, "nan-run")
+    assert _checkpoints(tmp_path / "runs", "nan-run"), "the last good checkpoint must be kept"
+    [run] = _runs(cfg.tracking.tracking_uri, "nan-run")
+    assert run.info.status == "FAILED"

@@ -1,0 +1,123 @@
+"""A 4-trial ASHA sweep on a real Ray cluster, tracked in MLflow as parent + children."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def learnable_dataset(tmp_path_factory):
+    """Each class has its own colour (plus noise): a working config learns it in one epoch,
+    a learning rate of ~0 stays at chance, which makes ASHA's decision deterministic."""
+    from pipeline.data.shards import prepare_dataset
+
+    base = tmp_path_factory.mktemp("learnable")
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, size=(10, 3))
+    raw = base / "raw"
+    raw.mkdir()
+    for split, per_class in (("train", 40), ("test", 10)):
+        labels = np.repeat(np.arange(10), per_class)
+        noise = rng.integers(-20, 21, size=(len(labels), 32, 32, 3))
+        images = np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+        table = pa.table(
+            {"image": [_png(i) for i in images], "label": pa.array(labels, pa.int16())}
+        )
+        pq.write_table(table, raw / f"{split}.parquet")
+    prepare_dataset("cifar10", str(raw), str(base / "shards"), 4.0, val_per_class=5)
+    return str(base / "shards")
+
+
+def test_bad_search_space_is_a_clear_error(tmp_path):
+    from pipeline.distributed.tune import SweepError, load_sweep
+
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text(
+        "name: s\nbase_config: configs/smoke.yaml\nspace:\n  loss.dkt_wieght: {choice: [1, 2]}\n"
+    )
+    with pytest.raises(
+        SweepError, match="search space parameter 'loss.dkt_wieght': unknown config key"
+    ):
+        load_sweep(bad)
+    bad.write_text("name: s\nbase_config: configs/smoke.yaml\nspace:\n  optim.lr: {choice: [-1]}\n")
+    with pytest.raises(SweepError, match="'optim.lr'"):
+        load_sweep(bad)
+    bad.write_text(
+        "name: s\nbase_config: configs/smoke.yaml\nspace:\n  optim.lr: {between: [0, 1]}\n"
+    )
+    with pytest.raises(SweepError, match="between"):
+        load_sweep(bad)
+
+
+def test_asha_sweep_tracks_parent_and_children_and_registers_the_best(
+    ray_cluster, learnable_dataset, tmp_path
+):
+    from pipeline.distributed.tune import load_sweep, run_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "name: sweep-test\nbase_config: configs/smoke.yaml\n"
+        "metric: val/score\nnum_samples: 2\nmax_concurrent_trials: 1\n"
+        "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
+        "space:\n  optim.peak_lr: {grid: [1.0e-7, 0.1]}\n  loss.dkt_weight: {choice: [5, 10]}\n"
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec, base = load_sweep(
+        sweep,
+        [
+            f"data.uri={learnable_dataset}",
+            "cluster.num_workers=1",
+            "cluster.cpus_per_worker=0.5",
+            f"cluster.storage_path={tmp_path}/runs",
+            f"tracking.tracking_uri={uri}",
+            "tracking.model_name=shike-sweep-test",
+            "optim.batch_size=32",
+            "train.threads=1",
+        ],
+    )
+    summary = run_sweep(spec, base)
+
+    rows = summary["trials"]
+    assert len(rows) == 4
+    assert any(r["stopped_early"] for r in rows), rows
+    assert summary["trial_epochs_run"] < summary["trial_epochs_full"]
+    assert summary["best"]["optim.peak_lr"] == 0.1
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("shike")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'"
+    )
+    assert len(children) == 4
+    assert {c.data.params["optim.peak_lr"] for c in children} == {"1e-07", "0.1"}
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    assert any(c.info.status == "KILLED" for c in children)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert "sweep_summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    mv = client.get_model_version_by_alias("shike-sweep-test", "candidate")
+    best_child = next(
+        c for c in children if c.data.tags["shike.trial_id"] == summary["best"]["trial_id"]
+    )
+    assert mv.run_id == best_child.info.run_id
+
+    # relaunching the finished sweep restores it instead of starting over
+    again = run_sweep(spec, base, register=False)
+    assert {r["trial_id"] for r in again["trials"]} == {r["trial_id"] for r in rows}
