@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.config import add_override_argument
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -22,14 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", required=True, help="YAML preset, e.g. configs/cifar100_lt_if100.yaml"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set cluster.num_workers=4 (repeatable)",
-    )
+    add_override_argument(parser, "cluster.num_workers=4")
     parser.add_argument(
         "--run-name",
         default=None,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.config import add_override_argument
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -22,14 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--name", default=None, help="sweep name (default: the file's name); reuse it to resume"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the base training config, e.g. --set data.uri=s3://bucket/ds (repeatable)",
-    )
+    add_override_argument(parser, "data.uri=s3://bucket/datasets/x")
     parser.add_argument(
         "--num-samples",
         type=int,

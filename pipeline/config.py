@@ -262,6 +262,18 @@ def build_config(
         raise ConfigError(_format_error(exc)) from None
 
 
+def add_override_argument(parser, example: str = "loss.dkt_weight=5") -> None:
+    """The `--set key.sub=value` option every command-line entry point shares."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key, e.g. --set {example} (repeatable)",
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML preset (or the defaults when path is None) and apply `key=value` overrides."""
     tree: dict[str, Any] = {}

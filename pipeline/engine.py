@@ -29,7 +29,7 @@ from pipeline.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from pipeline.config import Config, ConfigError, OptimConfig, load_config
+from pipeline.config import Config, ConfigError, OptimConfig, add_override_argument, load_config
 from pipeline.data import DataError
 from pipeline.losses import build_objective
 from pipeline.metrics import EvalCounts
@@ -406,8 +406,9 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     test, _ = session.evaluate(make_loader(data.test, cfg.data, 256, train=False, pin_memory=pin))
     results = test.compute(class_counts=data.class_counts)
     log(format_results("test", results))
-    log(f"wall time {format_duration(time.perf_counter() - started)}")
-    return {"history": history, "test": results, "session": session}
+    wall = time.perf_counter() - started
+    log(f"wall time {format_duration(wall)}")
+    return {"history": history, "test": results, "session": session, "wall_seconds": wall}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,14 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train SHIKE with the Ray-free engine (no Ray, no MLflow).",
     )
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/smoke.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set loss.dkt_weight=5 (repeatable)",
-    )
+    add_override_argument(parser, "loss.dkt_weight=5")
     parser.add_argument(
         "--checkpoint-dir",
         default=None,

@@ -126,11 +126,15 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     from tests.helpers.ray_cluster import RAY_ENV, ray_head
+    from tests.helpers.s3_server import FAKE_CREDENTIALS
 
     os.environ.update(RAY_ENV)
     # Short temp root: Ray's socket paths must stay under the 107-byte AF_UNIX limit.
     tmp = Path(f"/tmp/ray-{uuid.uuid4().hex[:8]}")
-    with ray_head(tmp) as (address, dashboard, env):
+    # Like a cluster node configured for the object store: Ray Data read tasks that reach the
+    # loopback S3 server (moto) find the fake credentials in their environment.
+    node_env = {k: v for k, v in FAKE_CREDENTIALS.items() if v}
+    with ray_head(tmp, extra_env=node_env) as (address, dashboard, env):
         ray.init(address=address, log_to_driver=False)
         try:
             yield RayCluster(address, dashboard, env)

@@ -40,8 +40,10 @@ def split_dataset(
     seed: int | None = 0,
     verify: bool = True,
     batch_size: int = 256,
+    with_ids: bool = False,
 ) -> ray.data.Dataset:
-    """A Ray Dataset of one split: rows {"image": float32 (3,H,W), "label": int64}.
+    """A Ray Dataset of one split: rows {"image": float32 (3,H,W), "label": int64} (plus the
+    source's "sample_id" with `with_ids`).
 
     Training splits reshuffle the shard order on every execution (each epoch) from `seed`.
     """
@@ -49,7 +51,8 @@ def split_dataset(
         verify_split(manifest, split)
     fs, paths = shard_files(manifest, split)
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
-    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns(COLUMNS)
+    columns = [*COLUMNS, "sample_id"] if with_ids else COLUMNS
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns(columns)
     return ds.map_batches(
         decode_and_transform,
         fn_kwargs={"augment": augment, "train": train},

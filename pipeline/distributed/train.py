@@ -84,6 +84,14 @@ def _torch_batches(iterator, batch_size: int, **kwargs):
         yield batch["image"], batch["label"]
 
 
+def _announce_first(batches):
+    """Print when the first batch reaches the training step (start-up latency, bench/)."""
+    for i, batch in enumerate(batches):
+        if i == 0:
+            print(f"[shike] first training batch at unix time {time.time():.3f}", flush=True)
+        yield batch
+
+
 def _evaluate_split(session: TrainingSession, name: str) -> tuple[dict, EvalCounts, dict]:
     """Results, counts, and the results after post-hoc logit adjustment."""
     shard = ray.train.get_dataset_shard(name)
@@ -131,12 +139,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     started, first_epoch = time.perf_counter(), session.epoch
 
     def epoch_batches(epoch: int):
-        return _torch_batches(
+        batches = _torch_batches(
             train_shard,
             per_worker_batch,
             local_shuffle_buffer_size=LOCAL_SHUFFLE_BUFFER,
             local_shuffle_seed=epoch_seed(cfg.train.seed, epoch) + rank,
         )
+        if rank == 0 and epoch == first_epoch:
+            batches = _announce_first(batches)
+        return batches
 
     while True:
         ran_epoch = not session.finished
@@ -259,6 +270,43 @@ def build_trainer(
     )
 
 
+def open_tracked_run(
+    cfg: Config,
+    run_name: str,
+    uri: str,
+    *,
+    extra_tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    eval_splits: tuple[str, ...] = ("val", "test"),
+):
+    """Datasets from the manifest, the run's MLflow run (created or resumed by run name, config
+    and manifest logged) and the per-worker loop config: (manifest, datasets, logger, loop_config)."""
+    from pipeline.data.loading import training_datasets
+
+    manifest, datasets = training_datasets(cfg.data.uri, cfg.data.augment, cfg.train.seed)
+    for split in set(datasets) - {"train", *eval_splits}:
+        del datasets[split]
+    tags = {
+        **tracking.standard_tags(cfg, manifest_hash=tracking.manifest_hash(manifest)),
+        **(extra_tags or {}),
+    }
+    run_id = tracking.start_or_resume_run(
+        uri, cfg.tracking.experiment, run_name, tags, parent_run_id=parent_run_id
+    )
+    logger = tracking.RunLogger(uri, run_id)
+    logger.log_config(cfg)
+    logger.log_manifest(manifest.to_dict())
+    loop_config = {
+        "config": cfg.to_dict(),
+        "class_counts": list(manifest.class_counts),
+        "class_names": list(manifest.class_names),
+        "tracking_uri": uri,
+        "run_id": run_id,
+        "eval_splits": [name for name in eval_splits if name in datasets],
+    }
+    return manifest, datasets, logger, loop_config
+
+
 def run_training_job(
     cfg: Config, run_name: str | None = None, register: bool | None = None
 ) -> TrainingOutcome:
@@ -268,7 +316,6 @@ def run_training_job(
     cluster.storage_path (Ray Train V2) and continues the same MLflow run.
     """
     from pipeline import registry
-    from pipeline.data.loading import training_datasets
     from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
 
     run_name = run_name or cfg.name
@@ -282,24 +329,8 @@ def run_training_job(
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    manifest, datasets = training_datasets(cfg.data.uri, cfg.data.augment, cfg.train.seed)
-    run_id = tracking.start_or_resume_run(
-        uri,
-        cfg.tracking.experiment,
-        run_name,
-        tracking.standard_tags(cfg, manifest_hash=tracking.manifest_hash(manifest)),
-    )
-    logger = tracking.RunLogger(uri, run_id)
-    logger.log_config(cfg)
-    logger.log_manifest(manifest.to_dict())
-    loop_config = {
-        "config": cfg.to_dict(),
-        "class_counts": list(manifest.class_counts),
-        "class_names": list(manifest.class_names),
-        "tracking_uri": uri,
-        "run_id": run_id,
-        "eval_splits": [name for name in ("val", "test") if name in datasets],
-    }
+    manifest, datasets, logger, loop_config = open_tracked_run(cfg, run_name, uri)
+    run_id = logger.run_id
     trainer = build_trainer(cfg, run_name, datasets, loop_config)
     try:
         result = trainer.fit()

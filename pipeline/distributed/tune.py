@@ -144,37 +144,19 @@ def _trial_driver(params: dict[str, Any], *, base: dict, sweep: dict, context: d
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline import tracking
-    from pipeline.data.loading import training_datasets
-    from pipeline.distributed.train import build_trainer
+    from pipeline.distributed.train import build_trainer, open_tracked_run
 
     cfg = trial_config(base, params)
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{sweep['name']}-{trial_id}"
-    uri = context["tracking_uri"]
-    manifest, datasets = training_datasets(cfg.data.uri, cfg.data.augment, cfg.train.seed)
-    run_id = tracking.start_or_resume_run(
-        uri,
-        cfg.tracking.experiment,
+    _, datasets, logger, loop_config = open_tracked_run(
+        cfg,
         run_name,
-        {
-            **tracking.standard_tags(cfg, tracking.manifest_hash(manifest)),
-            "shike.sweep": sweep["name"],
-            "shike.trial_id": trial_id,
-        },
+        context["tracking_uri"],
+        extra_tags={"shike.sweep": sweep["name"], "shike.trial_id": trial_id},
         parent_run_id=context["parent_run_id"],
+        eval_splits=("val",),  # never the test split in a sweep
     )
-    logger = tracking.RunLogger(uri, run_id)
-    logger.log_config(cfg)
-    loop_config = {
-        "config": cfg.to_dict(),
-        "class_counts": list(manifest.class_counts),
-        "class_names": list(manifest.class_names),
-        "tracking_uri": uri,
-        "run_id": run_id,
-        "eval_splits": [s for s in ("val",) if s in datasets],  # never the test split in a sweep
-    }
-    datasets.pop("test", None)
     trainer = build_trainer(
         cfg,
         run_name,

@@ -31,10 +31,11 @@ def _ray_bin() -> str:
 
 
 @contextmanager
-def ray_head(tmp_dir: Path, num_cpus: int = 4):
-    """Yield (gcs_address, dashboard_url, env) of a fresh head node; stop it afterwards."""
+def ray_head(tmp_dir: Path, num_cpus: int = 4, extra_env: dict | None = None):
+    """Yield (gcs_address, dashboard_url, env) of a fresh head node; stop it afterwards.
+    `extra_env` reaches the node's processes (Ray workers) but not this process."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(tmp_dir)}
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(tmp_dir), **(extra_env or {})}
     port, dash = free_port(), free_port()
     cmd = [
         _ray_bin(),

@@ -1,0 +1,104 @@
+"""What the distributed machinery costs: jobs/train.py on a Ray head node (127.0.0.1), shards
+from S3 on loopback (moto), against the bare training step on in-memory tensors.
+
+    python bench/pipeline_efficiency.py [--workers 1 2] [--epochs 3] [--no-record]
+
+For each worker count, one `ray job submit` of jobs/train.py (SHIKE ResNet-32, global batch
+128, CIFAR-10-LT with 500 head images = 1,236 training images, stage 1 only) reports
+`train/images_per_s` per epoch (images / wall time of the epoch's training loop, data waits
+included); the median over epochs after the first is compared with the bare step (same model,
+batch 128, same total torch threads) measured in the same run. Also: seconds from
+`ray job submit` to the first batch reaching the training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.record import record  # noqa: E402
+from bench.train_step import step_times  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+    source = os.environ.get("CIFAR10_DIR")
+    if not source:
+        sys.exit("set CIFAR10_DIR to the CIFAR-10 Parquet folder (../shared/data/cifar10)")
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data.shards import prepare_dataset
+    from pipeline.data.storage import S3Options, create_bucket
+    from tests.helpers.ray_cluster import ray_head
+    from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pipe-"))
+    os.environ.update(FAKE_CREDENTIALS)
+    results = []
+    with MotoServer() as server:
+        os.environ["AWS_ENDPOINT_URL"] = server.endpoint_url
+        s3 = S3Options(endpoint_url=server.endpoint_url)
+        create_bucket("s3://bench", s3)
+        uri = "s3://bench/c10-lt-if100-n500"
+        prepare_dataset("cifar10", source, uri, 100.0, n_max=500, val_per_class=20, test_per_class=20, s3=s3)
+        with ray_head(Path(f"/tmp/ray-bench-{os.getpid()}"), num_cpus=4) as (_, dashboard, env):
+            for workers in args.workers:
+                name = f"bench-{workers}w"
+                tracking = f"sqlite:///{work}/mlflow.db"
+                cmd = [
+                    str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
+                    "--working-dir", str(ROOT), "--", sys.executable, "-m", "jobs.train",
+                    "--config", "configs/smoke.yaml", "--run-name", name, "--no-register",
+                    "--set", f"data.uri={uri}", "--set", f"optim.epochs={args.epochs}",
+                    "--set", f"optim.stage2_start={args.epochs}", "--set", f"cluster.num_workers={workers}",
+                    "--set", "cluster.cpus_per_worker=1", "--set", f"train.threads={max(1, 2 // workers)}",
+                    "--set", f"cluster.storage_path={work}/runs", "--set", f"tracking.tracking_uri={tracking}",
+                ]
+                submitted = time.time()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode != 0:
+                    sys.exit(f"job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                first = float(re.search(r"first training batch at unix time ([0-9.]+)", proc.stdout).group(1))
+                client = MlflowClient(tracking)
+                run = client.search_runs(
+                    [client.get_experiment_by_name("shike").experiment_id], f"tags.`shike.run_name` = '{name}'"
+                )[0]
+                history = sorted(client.get_metric_history(run.info.run_id, "train/images_per_s"), key=lambda m: m.step)
+                job_rate = statistics.median(m.value for m in history[1:]) if len(history) > 1 else history[0].value
+                results.append((workers, job_rate, first - submitted, max(1, 2 // workers) * workers))
+
+    rows = ["| workers | torch threads in all | job images/s | bare step images/s | ratio | submit -> first batch (s) |",
+            "|---|---|---|---|---|---|"]
+    for workers, job_rate, startup, threads in results:
+        torch.set_num_threads(threads)
+        bare = 128 / statistics.median(step_times([], 128, 5, 2, torch.device("cpu")))
+        rows.append(f"| {workers} | {threads} | {job_rate:.1f} | {bare:.1f} | {job_rate / bare:.2f} | {startup:.1f} |")
+    table = (
+        f"jobs/train.py via `ray job submit` to a local head node, shards from moto S3 on 127.0.0.1, "
+        f"SHIKE ResNet-32, global batch 128, {args.epochs} epochs of 1,236 images; job images/s = median "
+        f"of epochs 2..{args.epochs}\n\n" + "\n".join(rows)
+    )
+    if args.no_record:
+        print(table)
+    else:
+        record("Pipeline efficiency: jobs/train.py against the bare training step", table)
+
+
+if __name__ == "__main__":
+    main()
