@@ -42,18 +42,33 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-asha-"))
     data = str(work / "data")
     prepare_dataset("cifar10", source, data, 100.0, n_max=100, val_per_class=10, test_per_class=20)
-    base = load_config(ROOT / "configs/smoke.yaml", [
-        f"data.uri={data}", f"optim.epochs={args.epochs}", f"optim.stage2_start={args.epochs - 1}",
-        "optim.batch_size=64", "cluster.num_workers=1", "cluster.cpus_per_worker=1", "train.threads=1",
-        f"cluster.storage_path={work}/runs", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
-    ])
-    space = {"loss.dkt_weight": {"grid": [1, 10]}, "optim.peak_lr": {"grid": [0.01, 0.05, 0.1, 0.2]}}
+    base = load_config(
+        ROOT / "configs/smoke.yaml",
+        [
+            f"data.uri={data}",
+            f"optim.epochs={args.epochs}",
+            f"optim.stage2_start={args.epochs - 1}",
+            "optim.batch_size=64",
+            "cluster.num_workers=1",
+            "cluster.cpus_per_worker=1",
+            "train.threads=1",
+            f"cluster.storage_path={work}/runs",
+            f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
+        ],
+    )
+    space = {
+        "loss.dkt_weight": {"grid": [1, 10]},
+        "optim.peak_lr": {"grid": [0.01, 0.05, 0.1, 0.2]},
+    }
     ray.init(num_cpus=2 * args.concurrency, include_dashboard=False, log_to_driver=False)
     outcomes = {}
     for kind in ("asha", "none"):
         spec = SweepSpec(
-            name=f"asha-bench-{kind}", base_config="configs/smoke.yaml", num_samples=1,
-            max_concurrent_trials=args.concurrency, space=space,
+            name=f"asha-bench-{kind}",
+            base_config="configs/smoke.yaml",
+            num_samples=1,
+            max_concurrent_trials=args.concurrency,
+            space=space,
             scheduler=SchedulerSpec(type=kind, grace_period=1, reduction_factor=2),
         )
         start = time.perf_counter()

@@ -75,7 +75,10 @@ def main() -> None:
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         quiet_progress()
-        for where, uri in (("local shards", str(work / "local")), ("S3 on loopback (moto)", "s3://bench/c10-lt-if100")):
+        for where, uri in (
+            ("local shards", str(work / "local")),
+            ("S3 on loopback (moto)", "s3://bench/c10-lt-if100"),
+        ):
             manifest = read_manifest(uri, s3)
             ds = split_dataset(manifest, "train", augment="shike", train=True, seed=0)
             rates = _passes(lambda ds=ds: ds.iter_torch_batches(batch_size=128), args.epochs)

@@ -56,39 +56,82 @@ def main() -> None:
         s3 = S3Options(endpoint_url=server.endpoint_url)
         create_bucket("s3://bench", s3)
         uri = "s3://bench/c10-lt-if100-n500"
-        prepare_dataset("cifar10", source, uri, 100.0, n_max=500, val_per_class=20, test_per_class=20, s3=s3)
+        prepare_dataset(
+            "cifar10", source, uri, 100.0, n_max=500, val_per_class=20, test_per_class=20, s3=s3
+        )
         with ray_head(Path(f"/tmp/ray-bench-{os.getpid()}"), num_cpus=4) as (_, dashboard, env):
             for workers in args.workers:
                 name = f"bench-{workers}w"
                 tracking = f"sqlite:///{work}/mlflow.db"
                 cmd = [
-                    str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
-                    "--working-dir", str(ROOT), "--", sys.executable, "-m", "jobs.train",
-                    "--config", "configs/smoke.yaml", "--run-name", name, "--no-register",
-                    "--set", f"data.uri={uri}", "--set", f"optim.epochs={args.epochs}",
-                    "--set", f"optim.stage2_start={args.epochs}", "--set", f"cluster.num_workers={workers}",
-                    "--set", "cluster.cpus_per_worker=1", "--set", f"train.threads={max(1, 2 // workers)}",
-                    "--set", f"cluster.storage_path={work}/runs", "--set", f"tracking.tracking_uri={tracking}",
+                    str(Path(sys.executable).with_name("ray")),
+                    "job",
+                    "submit",
+                    "--address",
+                    dashboard,
+                    "--working-dir",
+                    str(ROOT),
+                    "--",
+                    sys.executable,
+                    "-m",
+                    "jobs.train",
+                    "--config",
+                    "configs/smoke.yaml",
+                    "--run-name",
+                    name,
+                    "--no-register",
+                    "--set",
+                    f"data.uri={uri}",
+                    "--set",
+                    f"optim.epochs={args.epochs}",
+                    "--set",
+                    f"optim.stage2_start={args.epochs}",
+                    "--set",
+                    f"cluster.num_workers={workers}",
+                    "--set",
+                    "cluster.cpus_per_worker=1",
+                    "--set",
+                    f"train.threads={max(1, 2 // workers)}",
+                    "--set",
+                    f"cluster.storage_path={work}/runs",
+                    "--set",
+                    f"tracking.tracking_uri={tracking}",
                 ]
                 submitted = time.time()
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
                 if proc.returncode != 0:
                     sys.exit(f"job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-                first = float(re.search(r"first training batch at unix time ([0-9.]+)", proc.stdout).group(1))
+                first = float(
+                    re.search(r"first training batch at unix time ([0-9.]+)", proc.stdout).group(1)
+                )
                 client = MlflowClient(tracking)
                 run = client.search_runs(
-                    [client.get_experiment_by_name("shike").experiment_id], f"tags.`shike.run_name` = '{name}'"
+                    [client.get_experiment_by_name("shike").experiment_id],
+                    f"tags.`shike.run_name` = '{name}'",
                 )[0]
-                history = sorted(client.get_metric_history(run.info.run_id, "train/images_per_s"), key=lambda m: m.step)
-                job_rate = statistics.median(m.value for m in history[1:]) if len(history) > 1 else history[0].value
-                results.append((workers, job_rate, first - submitted, max(1, 2 // workers) * workers))
+                history = sorted(
+                    client.get_metric_history(run.info.run_id, "train/images_per_s"),
+                    key=lambda m: m.step,
+                )
+                job_rate = (
+                    statistics.median(m.value for m in history[1:])
+                    if len(history) > 1
+                    else history[0].value
+                )
+                results.append(
+                    (workers, job_rate, first - submitted, max(1, 2 // workers) * workers)
+                )
 
-    rows = ["| workers | torch threads in all | job images/s | bare step images/s | ratio | submit -> first batch (s) |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| workers | torch threads in all | job images/s | bare step images/s | ratio | submit -> first batch (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for workers, job_rate, startup, threads in results:
         torch.set_num_threads(threads)
         bare = 128 / statistics.median(step_times([], 128, 5, 2, torch.device("cpu")))
-        rows.append(f"| {workers} | {threads} | {job_rate:.1f} | {bare:.1f} | {job_rate / bare:.2f} | {startup:.1f} |")
+        rows.append(
+            f"| {workers} | {threads} | {job_rate:.1f} | {bare:.1f} | {job_rate / bare:.2f} | {startup:.1f} |"
+        )
     table = (
         f"jobs/train.py via `ray job submit` to a local head node, shards from moto S3 on 127.0.0.1, "
         f"SHIKE ResNet-32, global batch 128, {args.epochs} epochs of 1,236 images; job images/s = median "

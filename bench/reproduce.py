@@ -26,7 +26,10 @@ from pipeline.engine import format_duration, run  # noqa: E402
 # The ablation table of the paper, made by our code; all share the recipe and budget.
 VARIANTS = {
     "shike": ("SHIKE (DKF + DKT, 3 experts)", []),
-    "ce": ("ResNet-32, cross-entropy", ["model.arch=resnet32", "model.head=linear", "loss.stage1=ce", "STAGE2_OFF"]),
+    "ce": (
+        "ResNet-32, cross-entropy",
+        ["model.arch=resnet32", "model.head=linear", "loss.stage1=ce", "STAGE2_OFF"],
+    ),
     "balanced_softmax": (
         "ResNet-32, balanced softmax",
         ["model.arch=resnet32", "model.head=linear", "loss.stage1=balanced_softmax", "STAGE2_OFF"],
@@ -41,9 +44,13 @@ def variant_overrides(name: str, epochs: int) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", default="configs/cifar10_lt_if100.yaml")
-    ap.add_argument("--data", required=True, help="prepared shard folder/URI, or a raw source folder/archive")
+    ap.add_argument(
+        "--data", required=True, help="prepared shard folder/URI, or a raw source folder/archive"
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=["shike"], choices=sorted(VARIANTS))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -52,7 +59,10 @@ def main() -> None:
 
     is_prepared = (Path(args.data) / "manifest.json").exists() or args.data.startswith("s3://")
     data_key = "data.uri" if is_prepared else "data.source"
-    rows = ["| variant | seed | top-1 | many | medium | few | ECE | wall time |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| variant | seed | top-1 | many | medium | few | ECE | wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     details = []
     for variant in args.variants:
         top1 = []
@@ -60,8 +70,12 @@ def main() -> None:
             base = load_config(args.config, [f"{data_key}={args.data}", *args.overrides])
             cfg = load_config(
                 args.config,
-                [f"{data_key}={args.data}", *args.overrides, *variant_overrides(variant, base.optim.epochs),
-                 f"train.seed={seed}"],
+                [
+                    f"{data_key}={args.data}",
+                    *args.overrides,
+                    *variant_overrides(variant, base.optim.epochs),
+                    f"train.seed={seed}",
+                ],
             )
             print(f"== {VARIANTS[variant][0]}, seed {seed}, {cfg.optim.epochs} epochs", flush=True)
             out = run(cfg)
@@ -82,7 +96,10 @@ def main() -> None:
                 f"| {VARIANTS[variant][0]}: mean ± std over {len(top1)} seeds | | "
                 f"{100 * statistics.mean(top1):.2f} ± {100 * statistics.stdev(top1):.2f} | | | | | |"
             )
-    table = f"config {args.config}, data {args.data}, overrides {args.overrides or 'none'}\n\n" + "\n".join(rows)
+    table = (
+        f"config {args.config}, data {args.data}, overrides {args.overrides or 'none'}\n\n"
+        + "\n".join(rows)
+    )
     table += "\n\n" + "\n".join(details)
     if args.no_record:
         print(table)

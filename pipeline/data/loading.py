@@ -25,10 +25,13 @@ def decode_and_transform(
     """PNG bytes -> normalised float NCHW batch; the train transform is random per image."""
     images = decode_images(list(batch["image"]), "shard rows")
     transform = build_transform(augment, train=train)
-    return {
+    out = {
         "image": apply_to_batch(transform, images).numpy(),
         "label": batch["label"].astype(np.int64),
     }
+    if "sample_id" in batch:
+        out["sample_id"] = batch["sample_id"]
+    return out
 
 
 def split_dataset(
