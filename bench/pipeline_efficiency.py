@@ -59,7 +59,7 @@ def main() -> None:
         prepare_dataset(
             "cifar10", source, uri, 100.0, n_max=500, val_per_class=20, test_per_class=20, s3=s3
         )
-        with ray_head(Path(f"/tmp/ray-bench-{os.getpid()}"), num_cpus=4) as (_, dashboard, env):
+        with ray_head(Path(f"/tmp/rb{os.getpid() % 100000}"), num_cpus=4) as (_, dashboard, env):
             for workers in args.workers:
                 name = f"bench-{workers}w"
                 tracking = f"sqlite:///{work}/mlflow.db"
@@ -97,8 +97,12 @@ def main() -> None:
                     "--set",
                     f"tracking.tracking_uri={tracking}",
                 ]
-                submitted = time.time()
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+                for _ in range(10):  # the head's job agent starts a little after the dashboard
+                    submitted = time.time()
+                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+                    if "No available agent" not in proc.stderr:
+                        break
+                    time.sleep(2)
                 if proc.returncode != 0:
                     sys.exit(f"job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
                 first = float(
