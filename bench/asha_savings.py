@@ -1,6 +1,6 @@
 """Compute saved by ASHA: the same 8-trial grid swept with ASHA and without early stopping.
 
-    python bench/asha_savings.py [--epochs 4] [--concurrency 2] [--no-record]
+    python bench/asha_savings.py [--epochs 3] [--concurrency 1] [--no-record]
 
 Grid: loss.dkt_weight x optim.peak_lr (2 x 4 = 8 trials) on CIFAR-10-LT IF100 with 100
 head-class images (real CIFAR-10 from CIFAR10_DIR), SHIKE ResNet-32, 1 worker per trial.
@@ -25,8 +25,8 @@ from bench.record import record  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     source = os.environ.get("CIFAR10_DIR")

@@ -88,7 +88,7 @@ def test_asha_sweep_tracks_parent_and_children_and_registers_the_best(
             f"cluster.storage_path={tmp_path}/runs",
             f"tracking.tracking_uri={uri}",
             "tracking.model_name=shike-sweep-test",
-            "optim.batch_size=32",
+            "optim.batch_size=8",  # 29 steps in the first epoch: enough to learn the colours
             "train.threads=1",
             # The sweep machinery is under test, not SHIKE's cost: the single-expert ResNet-32
             # has the same two stages at a third of the CPU time. No augmentation: AutoAugment's
