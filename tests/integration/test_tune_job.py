@@ -107,9 +107,6 @@ def test_asha_sweep_tracks_parent_and_children_and_registers_the_best(
     assert summary["trial_epochs_run"] < summary["trial_epochs_full"]
     finished = [r for r in rows if r["epochs_run"] == base.optim.epochs]
     assert summary["best"] == max(finished, key=lambda r: r["val/score"])
-    assert all(
-        r["optim.peak_lr"] == 1e-7 for r in rows if r["stopped_early"]
-    )  # lr ~0 learns nothing
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("shike")
