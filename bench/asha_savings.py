@@ -60,7 +60,8 @@ def main() -> None:
         "loss.dkt_weight": {"grid": [1, 10]},
         "optim.peak_lr": {"grid": [0.01, 0.05, 0.1, 0.2]},
     }
-    ray.init(num_cpus=2 * args.concurrency, include_dashboard=False, log_to_driver=False)
+    # The dashboard serves the State API that Ray Train needs to free finished trials.
+    ray.init(num_cpus=2 * args.concurrency, log_to_driver=False)
     outcomes = {}
     for kind in ("asha", "none"):
         spec = SweepSpec(

@@ -21,6 +21,9 @@ def machine() -> str:
 
 
 def commit() -> str:
+    """The checked-out commit; BENCH_COMMIT names it where the tree travels without .git."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

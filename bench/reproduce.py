@@ -1,27 +1,34 @@
 """Reproduce the paper recipe (and the ablation baselines) with the Ray-free engine.
 
     python bench/reproduce.py --config configs/cifar10_lt_if100.yaml --data .data/cifar10-lt-if100 \
-        --seeds 0 1 2 --variants shike ce balanced_softmax no_dkf no_dkt
+        --seeds 0 1 2 --variants shike ce balanced_softmax no_dkf no_dkt [--parallel 2]
 
 Runs on any machine with PyTorch (the GPU machine has no Ray and no MLflow): `--data` is a
 prepared shard folder (jobs/prepare_data.py) or a raw source (e.g. ../shared/data/cifar10).
-For each variant and seed it prints and records top-1, many/medium/few, ECE, wall time, and the
-per-class accuracy. `--set` overrides any config key (e.g. `--set optim.epochs=2` for a CPU
-check, `--set train.channels_last=true`).
+Each (variant, seed) trains in its own process, `--parallel` at a time, seeds in the outer
+order (all variants of seed 0 first). `--deadline-min` stops what is still running at that
+point; a stopped run is reported with the epoch it reached, never with figures. For each run
+it prints and records top-1, many/medium/few, ECE, wall time and the per-class accuracy;
+`--results` also appends each finished run as a JSON line. `--set` overrides any config key
+(e.g. `--set optim.epochs=2` for a CPU check; on a GPU `--set train.amp=false --set
+train.cuda_graphs=true --set data.loader_workers=6`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from bench.record import record  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.engine import format_duration, run  # noqa: E402
 
 # The ablation table of the paper, made by our code; all share the recipe and budget.
 VARIANTS = {
@@ -39,8 +46,128 @@ VARIANTS = {
 }
 
 
-def variant_overrides(name: str, epochs: int) -> list[str]:
-    return [f"optim.stage2_start={epochs}" if o == "STAGE2_OFF" else o for o in VARIANTS[name][1]]
+def run_config(args: argparse.Namespace, variant: str, seed: int):
+    from pipeline.config import load_config
+
+    is_prepared = (Path(args.data) / "manifest.json").exists() or args.data.startswith("s3://")
+    data = [f"{'data.uri' if is_prepared else 'data.source'}={args.data}", *args.overrides]
+    epochs = load_config(args.config, data).optim.epochs
+    variant_overrides = [
+        f"optim.stage2_start={epochs}" if o == "STAGE2_OFF" else o for o in VARIANTS[variant][1]
+    ]
+    return load_config(args.config, [*data, *variant_overrides, f"train.seed={seed}"])
+
+
+def train_one(args: argparse.Namespace) -> None:
+    """Child process: train one (variant, seed) and write its result as JSON."""
+    from pipeline.engine import run
+
+    variant, seed = args.one[0], int(args.one[1])
+    cfg = run_config(args, variant, seed)
+    print(f"== {VARIANTS[variant][0]}, seed {seed}, {cfg.optim.epochs} epochs", flush=True)
+    out = run(cfg, log=lambda line: print(line, flush=True))
+    result = {
+        "variant": variant,
+        "seed": seed,
+        "epochs": cfg.optim.epochs,
+        "test": out["test"],
+        "train_loop_seconds": sum(h["seconds"] for h in out["history"]),
+        "wall_seconds": out["wall_seconds"],
+        "final_val_acc": out["history"][-1].get("val_acc"),
+    }
+    Path(args.result_file).write_text(json.dumps(result))
+
+
+def _tail(log: Path) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
+def _last_epoch(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("epoch ")]
+    return lines[-1].split("|")[0].replace("epoch", "").strip() if lines else "none"
+
+
+def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Train every (variant, seed), `--parallel` at a time; (finished results, stopped notes)."""
+    jobs = [(v, s) for s in args.seeds for v in args.variants]
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="reproduce-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + 60 * args.deadline_min if args.deadline_min else None
+    passthrough = ["--config", args.config, "--data", args.data]
+    for o in args.overrides:
+        passthrough += ["--set", o]
+    running: dict[tuple[str, int], tuple[subprocess.Popen, Path]] = {}
+    results, stopped = [], []
+    while jobs or running:
+        while jobs and len(running) < args.parallel:
+            variant, seed = jobs.pop(0)
+            log = log_dir / f"{variant}-seed{seed}.log"
+            cmd = [sys.executable, __file__, *passthrough, "--one", variant, str(seed)]
+            cmd += ["--result-file", str(log.with_suffix(".json"))]
+            with open(log, "w") as fh:
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+            running[(variant, seed)] = (proc, log)
+            print(f"started {variant} seed {seed} (log {log})", flush=True)
+        time.sleep(1)
+        for key, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                if deadline is None or time.monotonic() < deadline:
+                    continue
+                proc.terminate()
+                proc.wait()
+                stopped.append(
+                    f"{VARIANTS[key[0]][0]}, seed {key[1]}: stopped at the deadline "
+                    f"after epoch {_last_epoch(log)}"
+                )
+            elif proc.returncode == 0:
+                results.append(json.loads(log.with_suffix(".json").read_text()))
+                if args.results:
+                    with open(args.results, "a") as fh:
+                        fh.write(json.dumps(results[-1]) + "\n")
+            else:
+                stopped.append(f"{VARIANTS[key[0]][0]}, seed {key[1]}: failed ({_tail(log)})")
+            print(f"ended {key[0]} seed {key[1]}: {_tail(log)}", flush=True)
+            del running[key]
+        if deadline is not None and time.monotonic() >= deadline:
+            stopped += [f"{VARIANTS[v][0]}, seed {s}: not started (deadline)" for v, s in jobs]
+            jobs = []
+    return results, stopped
+
+
+def results_table(args: argparse.Namespace, results: list[dict], stopped: list[str]) -> str:
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}"
+
+    rows = [
+        "| variant | seed | top-1 | many | medium | few | ECE | wall time (train loops) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    details = []
+    for variant in args.variants:
+        mine = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["seed"])
+        for r in mine:
+            t = r["test"]
+            rows.append(
+                f"| {VARIANTS[variant][0]} | {r['seed']} | {pct(t['acc'])} | {pct(t['acc_many'])} "
+                f"| {pct(t['acc_medium'])} | {pct(t['acc_few'])} | {t['ece']:.4f} | "
+                f"{r['wall_seconds']:.0f} s ({r['train_loop_seconds']:.0f} s) |"
+            )
+            details.append(
+                f"- {VARIANTS[variant][0]}, seed {r['seed']}, per-class top-1 (%): "
+                + ", ".join(f"{100 * a:.1f}" for a in t["per_class_acc"])
+            )
+        if len(mine) > 1:
+            top1 = [r["test"]["acc"] for r in mine]
+            rows.append(
+                f"| {VARIANTS[variant][0]}: mean ± std over {len(top1)} seeds | | "
+                f"{pct(statistics.mean(top1))} ± {pct(statistics.stdev(top1))} | | | | | |"
+            )
+    text = f"config {args.config}, data {args.data}, overrides {args.overrides or 'none'}, "
+    text += f"{args.parallel} run(s) at a time on one machine\n\n" + "\n".join(rows)
+    if stopped:
+        text += "\n\nNot finished:\n" + "\n".join(f"- {s}" for s in stopped)
+    return text + "\n\n" + "\n".join(details)
 
 
 def main() -> None:
@@ -54,57 +181,31 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=["shike"], choices=sorted(VARIANTS))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    ap.add_argument("--deadline-min", type=float, default=None, help="stop what still runs then")
+    ap.add_argument("--log-dir", default=None, help="one log per run (default: a temp folder)")
+    ap.add_argument("--results", default=None, help="append each finished run here (JSON lines)")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    ap.add_argument("--result-file", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        train_one(args)
+        return
+    from pipeline.config import ConfigError
 
-    is_prepared = (Path(args.data) / "manifest.json").exists() or args.data.startswith("s3://")
-    data_key = "data.uri" if is_prepared else "data.source"
-    rows = [
-        "| variant | seed | top-1 | many | medium | few | ECE | wall time |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    details = []
-    for variant in args.variants:
-        top1 = []
-        for seed in args.seeds:
-            base = load_config(args.config, [f"{data_key}={args.data}", *args.overrides])
-            cfg = load_config(
-                args.config,
-                [
-                    f"{data_key}={args.data}",
-                    *args.overrides,
-                    *variant_overrides(variant, base.optim.epochs),
-                    f"train.seed={seed}",
-                ],
-            )
-            print(f"== {VARIANTS[variant][0]}, seed {seed}, {cfg.optim.epochs} epochs", flush=True)
-            out = run(cfg)
-            res = out["test"]
-            wall = sum(h["seconds"] for h in out["history"])
-            top1.append(res["acc"])
-            rows.append(
-                f"| {VARIANTS[variant][0]} | {seed} | {100 * res['acc']:.2f} | {100 * res['acc_many']:.2f} | "
-                f"{100 * res['acc_medium']:.2f} | {100 * res['acc_few']:.2f} | {res['ece']:.4f} | "
-                f"{format_duration(out['wall_seconds'])} (train loops {format_duration(wall)}) |"
-            )
-            details.append(
-                f"- {VARIANTS[variant][0]}, seed {seed}, per-class top-1 (%): "
-                + ", ".join(f"{100 * a:.1f}" for a in res["per_class_acc"])
-            )
-        if len(top1) > 1:
-            rows.append(
-                f"| {VARIANTS[variant][0]}: mean ± std over {len(top1)} seeds | | "
-                f"{100 * statistics.mean(top1):.2f} ± {100 * statistics.stdev(top1):.2f} | | | | | |"
-            )
-    table = (
-        f"config {args.config}, data {args.data}, overrides {args.overrides or 'none'}\n\n"
-        + "\n".join(rows)
-    )
-    table += "\n\n" + "\n".join(details)
+    try:  # a bad --config / --set fails here, once, not in every child
+        run_config(args, args.variants[0], args.seeds[0])
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    results, stopped = run_all(args)
+    table = results_table(args, results, stopped)
     if args.no_record:
         print(table)
     else:
         record("Reproduce: paper recipe and baselines (Ray-free engine)", table)
+    if not results:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Images/s of one training step (forward + backward + SGD step) at batch 128, in-memory tensors.
+"""Images/s of the training step at batch 128 on in-memory tensors, through the engine.
 
     python bench/train_step.py [--batch 128] [--steps 10] [--threads N] [--no-record]
 
 Compares the CIFAR SHIKE model (3 experts, CE + DKT + MD) with the plain ResNet-32 baseline
-(cross-entropy). Reports the median over timed steps after warm-up steps.
+(cross-entropy), each through `TrainingSession.run_epoch` (forward, objective, backward, SGD
+step, loss bookkeeping). On CUDA it also compares the execution modes: eager float32, eager
+AMP (float16 + GradScaler) and the captured CUDA graph (float32). Reports the median of three
+timed passes of `--steps` steps after a warm-up pass (which also captures the graph).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,65 +22,67 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.record import record  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.engine import make_optimizer, set_trainable  # noqa: E402
-from pipeline.losses import build_objective  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.engine import TrainingSession  # noqa: E402
 
-VARIANTS = {
+MODELS = {
     "SHIKE ResNet-32, 3 experts (CE+DKT+MD)": [],
     "plain ResNet-32 (CE)": ["model.arch=resnet32", "model.head=linear", "loss.stage1=ce"],
 }
+MODES = {
+    "eager float32": ["train.amp=false"],
+    "eager AMP float16": ["train.amp=true"],
+    "CUDA graph float32": ["train.amp=false", "train.cuda_graphs=true"],
+}
+COUNTS = [5000 // (i + 1) for i in range(10)]
 
 
-def step_times(
-    overrides: list[str], batch: int, steps: int, warmup: int, device: torch.device
-) -> list[float]:
-    cfg = load_config(None, ["data.dataset=cifar10", *overrides])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 10).to(device).train()
-    optimizer = make_optimizer(set_trainable(model, 1), cfg.optim, 1)
-    objective = build_objective(
-        cfg.loss, 1, [5000 // (i + 1) for i in range(10)], cfg.model.cosine_scale
+def images_per_s(overrides: list[str], batch: int, steps: int, device: torch.device) -> float:
+    """Median images/s of three timed passes of `steps` steps, after a warm-up pass."""
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=cifar10",
+            "optim.epochs=10",
+            "optim.stage2_start=10",
+            f"optim.batch_size={batch}",
+            *overrides,
+        ],
     )
+    session = TrainingSession(cfg, COUNTS, device)
+    torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        objective(model(x), y).total.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+    session.run_epoch([(x, y)] * 5)  # warm-up (cuDNN, allocator; capture for graphs)
+    return statistics.median(session.run_epoch([(x, y)] * steps)["images_per_s"] for _ in range(3))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = ["| model | median step (s) | images/s | ratio to SHIKE |", "|---|---|---|---|"]
-    results = {}
-    for name, overrides in VARIANTS.items():
-        med = statistics.median(step_times(overrides, args.batch, args.steps, args.warmup, device))
-        results[name] = args.batch / med
-    shike = next(iter(results.values()))
-    for name, ips in results.items():
-        rows.append(f"| {name} | {args.batch / ips:.3f} | {ips:.0f} | {ips / shike:.2f} |")
+    modes = MODES if device.type == "cuda" else {"eager float32": ["train.amp=false"]}
+    rows = [
+        "| model | mode | median step (ms) | images/s | ratio to SHIKE eager float32 |",
+        "|---|---|---|---|---|",
+    ]
+    reference = None
+    for name, model_overrides in MODELS.items():
+        for mode, mode_overrides in modes.items():
+            ips = images_per_s([*model_overrides, *mode_overrides], args.batch, args.steps, device)
+            reference = reference or ips
+            rows.append(
+                f"| {name} | {mode} | {1000 * args.batch / ips:.2f} | {ips:.0f} | "
+                f"{ips / reference:.2f} |"
+            )
     table = (
-        f"batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up, {torch.get_num_threads()} threads, {device}\n\n"
-        + "\n".join(rows)
+        f"batch {args.batch}, median of 3 passes of {args.steps} steps after a warm-up pass, "
+        f"{torch.get_num_threads()} threads, {device}\n\n" + "\n".join(rows)
     )
     if args.no_record:
         print(table)

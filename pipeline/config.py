@@ -145,11 +145,20 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # autocast + GradScaler; only takes effect on CUDA
     channels_last: bool = False
-    compile: bool = False
-    deterministic: bool = False
+    # Capture the whole step as one CUDA graph (Ray-free engine, CUDA only; needs amp=false).
+    cuda_graphs: bool = False
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch default
     eval_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_graphs(self) -> TrainConfig:
+        if self.cuda_graphs and self.amp:
+            raise ValueError(
+                "train.cuda_graphs needs train.amp=false: GradScaler's overflow check reads a "
+                "flag back to the host, which a captured CUDA graph cannot do"
+            )
+        return self
 
 
 class ClusterConfig(_Section):

@@ -31,6 +31,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import Config, ConfigError, OptimConfig, add_override_argument, load_config
 from pipeline.data import DataError
+from pipeline.graphs import CapturedTrainStep
 from pipeline.losses import build_objective
 from pipeline.metrics import EvalCounts
 from pipeline.models import build_model
@@ -158,7 +159,13 @@ def train_one_epoch(
             sums[key] = sums.get(key, 0.0) + value.detach() * labels.shape[0]
         samples += labels.shape[0]
         steps += 1
-    seconds = time.perf_counter() - start
+    return epoch_stats(sums, samples, steps, time.perf_counter() - start, lr)
+
+
+def epoch_stats(
+    sums: dict[str, torch.Tensor], samples: int, steps: int, seconds: float, lr: float
+) -> dict[str, float]:
+    """Mean loss parts of an epoch (one host sync) and its throughput; raises on NaN/inf."""
     out = {k: float(v) / max(samples, 1) for k, v in sums.items()}
     if not all(math.isfinite(v) for v in out.values()):
         raise NonFiniteLossError(f"non-finite training loss: {out}")
@@ -227,7 +234,12 @@ class TrainingSession:
         self.cfg = cfg
         self.class_counts = list(class_counts)
         self.device = device
+        # The captured step replays one process's kernels; DDP's collectives are not in it.
+        self.cuda_graphs = cfg.train.cuda_graphs and device.type == "cuda"
+        if self.cuda_graphs and wrap is not None:
+            raise ConfigError("train.cuda_graphs is supported by the Ray-free engine only")
         self.wrap = wrap or (lambda m: m)
+        self._captured: CapturedTrainStep | None = None
         torch.manual_seed(cfg.train.seed)  # model init is a function of the seed only
         self.model = build_model(cfg.model, len(class_counts)).to(device)
         if cfg.train.channels_last:
@@ -247,6 +259,7 @@ class TrainingSession:
         scale = self.cfg.model.cosine_scale
         self.objective = build_objective(self.cfg.loss, stage, self.class_counts, scale)
         self.module = self.wrap(self.model)
+        self._captured = None  # a graph holds the old optimizer's buffers: capture again
 
     @property
     def finished(self) -> bool:
@@ -259,17 +272,28 @@ class TrainingSession:
         torch.manual_seed(epoch_seed(self.cfg.train.seed, self.epoch))
         if callable(batches):
             batches = batches(self.epoch)
-        stats = train_one_epoch(
-            self.module,
-            self.objective,
-            self.optimizer,
-            batches,
-            lr=lr_at(self.epoch, self.cfg.optim),
-            device=self.device,
-            scaler=self.scaler,
-            amp=self.amp,
-            channels_last=self.cfg.train.channels_last,
-        )
+        lr = lr_at(self.epoch, self.cfg.optim)
+        if self.cuda_graphs:
+            if self._captured is None:
+                self._captured = CapturedTrainStep(
+                    self.model, self.objective, self.optimizer, self.cfg.optim.batch_size
+                )
+            sums, samples, steps, seconds = self._captured.train_epoch(
+                batches, lr, self.cfg.train.channels_last
+            )
+            stats = epoch_stats(sums, samples, steps, seconds, lr)
+        else:
+            stats = train_one_epoch(
+                self.module,
+                self.objective,
+                self.optimizer,
+                batches,
+                lr=lr,
+                device=self.device,
+                scaler=self.scaler,
+                amp=self.amp,
+                channels_last=self.cfg.train.channels_last,
+            )
         stats.update(epoch=self.epoch, stage=self.stage)
         self.epoch += 1
         return stats
@@ -307,7 +331,8 @@ class TrainingSession:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self._enter_stage(int(state["stage"]))
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # new buffer tensors
+        self._captured = None
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         restore_rng_state(state["rng"])
@@ -364,6 +389,8 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms
     data = load_longtailed(cfg.data)
     log(
         f"data: {data.name} train {len(data.train.labels)} / val {len(data.val.labels)} / "
@@ -377,17 +404,15 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     batch = cfg.optim.batch_size
     pin = device.type == "cuda"
 
-    def train_batches(epoch: int):
-        return make_loader(
-            data.train,
-            cfg.data,
-            batch,
-            train=True,
-            seed=epoch_seed(cfg.train.seed, epoch),
-            pin_memory=pin,
-        )
+    train_loader = make_loader(
+        data.train, cfg.data, batch, train=True, pin_memory=pin, persistent=True
+    )
 
-    val_loader = make_loader(data.val, cfg.data, 256, train=False, pin_memory=pin)
+    def train_batches(epoch: int):
+        train_loader.sampler.set_seed(epoch_seed(cfg.train.seed, epoch))
+        return train_loader
+
+    val_loader = make_loader(data.val, cfg.data, 256, train=False, pin_memory=pin, persistent=True)
     history: list[dict] = []
     started = time.perf_counter()
     first_epoch = session.epoch

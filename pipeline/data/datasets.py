@@ -9,10 +9,11 @@ source with the same split code that `jobs/prepare_data.py` uses.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError
@@ -84,19 +85,66 @@ def load_prepared(uri: str, test_per_class: int | None = None) -> LongTailedData
     )
 
 
-class ImageArrayDataset(Dataset):
-    """uint8 NHWC images + labels -> (normalised float CHW tensor, int label)."""
+def sample_seed(epoch_seed: int, index: int) -> int:
+    """Seed of one image's augmentation in one epoch: a function of (epoch seed, index) only."""
+    return (epoch_seed * 6_364_136_223_846_793_005 + index * 1_442_695_040_888_963_407) % (2**63)
 
-    def __init__(self, split: RawSplit, transform) -> None:
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (augmentation seed, index) pairs for one epoch, in a seeded order.
+
+    The order comes from `seed` and each image's augmentation from `sample_seed(seed, index)`,
+    so an epoch's batches depend on nothing but the seed: not on the number of loader workers,
+    nor on which worker decodes which image. `set_seed` between epochs lets one loader (and
+    its persistent workers) serve a whole run.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int = 0) -> None:
+        self.size = size
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed))
+        else:
+            order = torch.arange(self.size)
+        for i in order.tolist():
+            yield sample_seed(self.seed, i), i
+
+
+class ImageArrayDataset(Dataset):
+    """uint8 NHWC images + labels -> (normalised float CHW tensor, int label).
+
+    Indexed by (augmentation seed, index) pairs from `EpochSampler`: torch's RNG, which the
+    torchvision transforms draw from, is seeded per image.
+    """
+
+    def __init__(self, split: RawSplit, transform, random: bool) -> None:
         self.images = split.images
         self.labels = torch.as_tensor(split.labels, dtype=torch.int64)
         self.transform = transform
+        self.random = random
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(to_chw_tensor(self.images[i])), self.labels[i]
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        seed, i = key
+        image = to_chw_tensor(self.images[i])
+        if not self.random:
+            return self.transform(image), self.labels[i]
+        # A loader worker's RNG is its own; in the main process, leave the caller's RNG intact.
+        in_worker = get_worker_info() is not None
+        with nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), self.labels[i]
 
 
 def make_loader(
@@ -106,21 +154,27 @@ def make_loader(
     train: bool,
     seed: int = 0,
     pin_memory: bool = False,
+    persistent: bool = False,
 ) -> DataLoader:
     """A torch DataLoader; for training, shuffling and augmentation are seeded by `seed`.
 
-    Build one per epoch with seed = f(run seed, epoch): the epoch's sample order and
-    augmentations then depend on nothing but the epoch number, which makes resume exact.
+    Seed = f(run seed, epoch): the epoch's sample order and augmentations then depend on nothing
+    but the epoch number, which makes resume exact. With `persistent`, build one loader per run
+    and call `loader.sampler.set_seed(...)` before each epoch; its workers then live as long as
+    the loader instead of being started again every epoch (which costs more than a small
+    dataset's epoch on a fast GPU).
     """
-    dataset = ImageArrayDataset(split, build_transform(cfg.augment, train=train))
-    generator = torch.Generator().manual_seed(seed)
+    dataset = ImageArrayDataset(split, build_transform(cfg.augment, train=train), random=train)
+    workers = cfg.loader_workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochSampler(len(dataset), shuffle=train, seed=seed),
         drop_last=False,  # the recipe keeps the last partial batch
-        num_workers=cfg.loader_workers,
-        generator=generator,
+        num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
+        # Workers' base seeds come from here, not from the caller's global RNG (they are
+        # unused: every image's augmentation is seeded by the sampler).
+        generator=torch.Generator().manual_seed(seed),
     )

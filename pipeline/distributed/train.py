@@ -307,6 +307,11 @@ def open_tracked_run(
     return manifest, datasets, logger, loop_config
 
 
+ENGINE_ONLY_GRAPHS = (
+    "train.cuda_graphs is supported by the Ray-free engine only (python -m pipeline.engine)"
+)
+
+
 def run_training_job(
     cfg: Config, run_name: str | None = None, register: bool | None = None
 ) -> TrainingOutcome:
@@ -324,6 +329,8 @@ def run_training_job(
             "data.uri is not set: prepare the dataset with jobs/prepare_data.py and pass "
             "--set data.uri=<its output URI>"
         )
+    if cfg.train.cuda_graphs:
+        raise TrainingJobError(ENGINE_ONLY_GRAPHS)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_tracking_server(uri)  # before any worker starts
 

@@ -183,6 +183,26 @@ def max_concurrent(spec: SweepSpec, base: Config) -> int:
     return max(1, int(resources.get("CPU", 1) // per_trial))
 
 
+def check_state_api(timeout_s: float = 15) -> None:
+    """Refuse a Ray cluster whose State API (served by the dashboard) does not answer.
+
+    When a trial ends, Tune stops its driver and with it the trial's Ray Train controller; the
+    worker group's placement group is then released by Train's PlacementGroupCleaner, which
+    asks the State API whether the controller is still alive. Without it the CPUs/GPUs of
+    every finished trial stay reserved, and the next trials wait for them forever.
+    """
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+    except Exception:
+        raise SweepError(
+            "Ray's State API does not answer (is the Ray dashboard running?): Ray Train needs "
+            "it to free finished trials' resources, so the sweep would stall. Start Ray with "
+            "its dashboard (the default of `ray start` and `ray.init()` with ray[default])"
+        ) from None
+
+
 def run_sweep(
     spec: SweepSpec, base: Config, name: str | None = None, register: bool = True
 ) -> dict[str, Any]:
@@ -192,17 +212,24 @@ def run_sweep(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipeline import registry, tracking
-    from pipeline.distributed.train import load_trained_model, storage_location
+    from pipeline.distributed.train import (
+        ENGINE_ONLY_GRAPHS,
+        load_trained_model,
+        storage_location,
+    )
 
     name = name or spec.name
     if not base.data.uri:
         raise SweepError(
             "data.uri is not set: add it to the sweep's overrides or pass --set data.uri=..."
         )
+    if base.train.cuda_graphs:
+        raise SweepError(ENGINE_ONLY_GRAPHS)
     uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
     tracking.check_tracking_server(uri)
     if not ray.is_initialized():
         ray.init()
+    check_state_api()
     parent_id = tracking.start_or_resume_run(
         uri, base.tracking.experiment, name, {"shike.sweep": name, "shike.kind": "sweep"}
     )

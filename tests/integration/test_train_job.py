@@ -265,6 +265,17 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
     assert proc.stderr.strip() == "error: unknown config key 'optim.epohcs'"
 
 
+def test_cuda_graphs_are_refused_before_anything_starts(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.distributed.train import TrainingJobError, run_training_job
+
+    cfg = load_config(
+        None, ["train.cuda_graphs=true", "train.amp=false", f"data.uri={tmp_path}/data"]
+    )
+    with pytest.raises(TrainingJobError, match="Ray-free engine only"):
+        run_training_job(cfg)
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     ray_cluster, tiny_dataset, tmp_path
 ):

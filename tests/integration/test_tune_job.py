@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +67,47 @@ def test_bad_search_space_is_a_clear_error(tmp_path):
     )
     with pytest.raises(SweepError, match="between"):
         load_sweep(bad)
+
+
+NO_DASHBOARD_SWEEP = """
+import sys, tempfile
+import ray
+from pipeline.distributed.tune import SweepError, load_sweep, run_sweep
+spec, base = load_sweep("configs/sweep_smoke.yaml", sys.argv[1:])
+ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="/tmp/rn"))
+try:
+    run_sweep(spec, base)
+except SweepError as exc:
+    print(exc)
+    sys.exit(3)
+finally:
+    ray.shutdown()
+"""
+
+
+def test_sweep_refuses_a_ray_without_its_state_api(tmp_path):
+    """Without the dashboard, finished trials' placement groups are never freed (the sweep
+    would hang after the first trials): refused up front, before any MLflow run exists."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NO_DASHBOARD_SWEEP,
+            f"data.uri={tmp_path}/data",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        ],
+        cwd=ROOT,
+        env=env | {"RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "State API does not answer" in proc.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not experiments or client.search_runs(experiments) == []
 
 
 def test_asha_sweep_tracks_parent_and_children_and_registers_the_best(

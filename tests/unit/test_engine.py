@@ -162,3 +162,26 @@ def test_smoke_recipe_runs_end_to_end_and_the_loss_falls():
     losses = [float(ln.split("| loss ")[1].split()[0]) for ln in lines[:3]]  # stage 1 epochs
     assert losses[-1] < losses[0], lines
     assert "test: top-1" in proc.stdout and "many" in proc.stdout
+
+
+def _batches_of(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_augmented_batches_depend_on_the_seed_only():
+    """Worker count and loader reuse change nothing; the caller's RNG is left alone."""
+    cfg = _cfg(**{"data.augment": "shike"})
+    split = _split(3)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    in_process = _batches_of(make_loader(split, cfg.data, 8, train=True, seed=11))
+    assert torch.equal(torch.rand(3), expected_next)
+    workers = _cfg(**{"data.augment": "shike", "data.loader_workers": 2})
+    reused = make_loader(split, workers.data, 8, train=True, seed=99, persistent=True)
+    _batches_of(reused)  # an epoch with another seed first
+    reused.sampler.set_seed(11)
+    for (xa, ya), (xb, yb) in zip(in_process, _batches_of(reused), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other = _batches_of(make_loader(split, cfg.data, 8, train=True, seed=12))
+    assert not torch.equal(in_process[0][0], other[0][0])

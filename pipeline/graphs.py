@@ -1,0 +1,170 @@
+"""The whole training step captured once as a CUDA graph and replayed (`train.cuda_graphs`).
+
+SHIKE's CIFAR ResNet-32 at batch 128 is far too small to keep a GPU busy: in eager PyTorch a
+step is bound by launching about a thousand small kernels from Python, not by arithmetic.
+Capturing forward, objective, backward and the SGD update once and replaying them removes the
+launch overhead without changing any operation of the recipe.
+
+What makes the step capturable:
+- Static inputs: each full batch is copied into the captured input buffers before a replay.
+- The learning rate lives in a device tensor, refilled each epoch. `torch.optim.SGD` reads a
+  tensor learning rate with `.item()` (a host sync, which capture forbids), so the update inside
+  the graph is `sgd_update` below: `torch.optim.SGD`'s arithmetic on its own momentum buffers.
+- Warm-up: the first steps of each stage run eagerly through the session's `torch.optim.SGD`
+  on a side stream (cuDNN chooses its algorithms, the momentum buffers come into existence).
+  They are real training steps of the epoch, not extra ones.
+- No GradScaler (its overflow check reads a flag back to the host): `train.amp` must be off;
+  the step runs in float32 with cuDNN's TF32 convolutions.
+- The last, partial batch of an epoch has another shape; it runs eagerly, and the gradients
+  the graph writes to are put aside meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.losses.objective import PART_KEYS
+
+
+def sgd_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: Tensor,
+    *,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
+    """One `torch.optim.SGD` step (dampening 0) for existing momentum buffers, with a tensor
+    learning rate: g += wd * p; b = m * b + g; p -= lr * (nesterov ? g + m * b : b)."""
+    if weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum:
+        torch._foreach_mul_(momentum_buffers, momentum)
+        torch._foreach_add_(momentum_buffers, grads)
+        if nesterov:
+            grads = torch._foreach_add(grads, momentum_buffers, alpha=momentum)
+        else:
+            grads = momentum_buffers
+    torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+
+
+class CapturedTrainStep:
+    """Trains epochs of one stage through a captured CUDA graph of the full step.
+
+    Built per (model, objective, optimizer) triple: a new stage or a restored optimizer needs a
+    new one. `train_epoch` returns what `train_one_epoch` accumulates: per-part loss sums
+    (weighted by batch size, still on the device), samples and steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Callable,
+        optimizer: torch.optim.SGD,
+        batch_size: int,
+        warmup_steps: int = 3,
+    ) -> None:
+        if len(optimizer.param_groups) != 1:
+            raise ValueError("CapturedTrainStep expects one optimizer parameter group")
+        group = optimizer.param_groups[0]
+        if group.get("dampening", 0) or group.get("maximize", False):
+            raise ValueError("CapturedTrainStep implements SGD without dampening or maximize")
+        self.model = model
+        self.objective = objective
+        self.optimizer = optimizer
+        self.group = group
+        self.params: list[Tensor] = list(group["params"])
+        self.batch_size = batch_size
+        self.warmup_steps = warmup_steps
+        self.eager_steps = 0
+        self.device = self.params[0].device
+        self.sums = {k: torch.zeros((), device=self.device) for k in PART_KEYS}
+        self.lr = torch.zeros((), device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._static_grads: list[Tensor | None] = []
+        self._side_stream = torch.cuda.Stream(self.device)
+
+    # -- eager steps (warm-up and partial batches)
+    def _eager_step(self, images: Tensor, labels: Tensor) -> None:
+        if self.graph is not None:  # keep the graph's gradient buffers out of the way
+            self._static_grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        side = self._side_stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            terms = self.objective(self.model(images), labels)
+            terms.total.backward()
+            self.optimizer.step()
+            for k in PART_KEYS:
+                self.sums[k] += terms.parts[k] * labels.shape[0]
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.graph is not None:
+            for p, g in zip(self.params, self._static_grads, strict=True):
+                p.grad = g
+        else:
+            for p in self.params:
+                p.grad = None  # capture allocates the gradients from the graph's pool
+        self.eager_steps += 1
+
+    # -- capture
+    def _capture(self, images: Tensor, labels: Tensor) -> None:
+        self.static_images = images.clone()
+        self.static_labels = labels.clone()
+        momentum = self.group["momentum"]
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.graph(graph):
+            terms = self.objective(self.model(self.static_images), self.static_labels)
+            terms.total.backward()
+            live = [p for p in self.params if p.grad is not None]
+            buffers = [self.optimizer.state[p]["momentum_buffer"] for p in live] if momentum else []
+            sgd_update(
+                live,
+                [p.grad for p in live],
+                buffers,
+                self.lr,
+                momentum=momentum,
+                weight_decay=self.group["weight_decay"],
+                nesterov=self.group["nesterov"],
+            )
+            for k in PART_KEYS:
+                self.sums[k] += terms.parts[k] * self.batch_size
+        self.graph = graph
+
+    def train_epoch(
+        self, batches: Iterable[tuple[Tensor, Tensor]], lr: float, channels_last: bool = False
+    ) -> tuple[dict[str, Tensor], int, int, float]:
+        """(loss-part sums, samples, steps, seconds) of one pass over `batches` at `lr`."""
+        self.group["lr"] = lr  # the eager steps' learning rate
+        self.lr.fill_(lr)
+        for v in self.sums.values():
+            v.zero_()
+        self.model.train()
+        samples = steps = 0
+        start = time.perf_counter()
+        for images, labels in batches:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            full = labels.shape[0] == self.batch_size
+            if full and self.graph is None and self.eager_steps >= self.warmup_steps:
+                self._capture(images, labels)
+            if full and self.graph is not None:
+                self.static_images.copy_(images)
+                self.static_labels.copy_(labels)
+                self.graph.replay()
+            else:
+                self._eager_step(images, labels)
+            samples += labels.shape[0]
+            steps += 1
+        sums = {k: v.clone() for k, v in self.sums.items()}
+        torch.cuda.synchronize(self.device)
+        return sums, samples, steps, time.perf_counter() - start
