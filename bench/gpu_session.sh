@@ -5,12 +5,13 @@
 #   - run the CUDA tests (the captured step against the eager one),
 #   - the step benchmark (eager float32 / AMP / CUDA graph),
 #   - the reproduce benchmark on the carried CIFAR-10-LT shards (.data/cifar10-lt-if100),
-#     stopping what still runs at DEADLINE_MIN.
+#     stopping what still runs when BUDGET_S seconds have passed since the script started.
 # Everything worth keeping lands in $OUT (at most 8 files).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
-DEADLINE_MIN=${DEADLINE_MIN:-8}
+STARTED=$(date +%s)
+BUDGET_S=${BUDGET_S:-560}
 SEEDS=${SEEDS:-0 1}
 VARIANTS=${VARIANTS:-shike ce balanced_softmax no_dkt no_dkf}
 PARALLEL=${PARALLEL:-2}
@@ -23,18 +24,22 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 BENCHMARKS_FILE=$OUT/BENCHMA
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, os; print("torch", torch.__version__, torch.cuda.get_device_name(0), os.cpu_count(), "CPUs")'
 
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/unit/test_graphs.py tests/unit/test_engine.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_graphs.py tests/unit/test_engine.py \
     >"$OUT/pytest.log" 2>&1
 status=$?
 tail -n 3 "$OUT/pytest.log"
 if [ $status -eq 0 ]; then MODE="--set train.amp=false --set train.cuda_graphs=true"
 else MODE="--set train.amp=true"; echo "CUDA tests failed: reproduce runs eager with AMP"; fi
 
-timeout 120 python3 bench/train_step.py --steps 50 2>&1 | tail -n 12
+timeout 90 python3 bench/train_step.py --steps 50 2>&1 | tail -n 12
 
+# what is left of the budget, less the time to stop the runs and write the summary
+DEADLINE_MIN=$(python3 -c "print(max(1, $BUDGET_S - ($(date +%s) - $STARTED) - 20) / 60)")
+echo "reproduce: deadline in $DEADLINE_MIN min"
 # shellcheck disable=SC2086
 python3 bench/reproduce.py --config configs/cifar10_lt_if100.yaml --data .data/cifar10-lt-if100 \
     --seeds $SEEDS --variants $VARIANTS --parallel "$PARALLEL" --deadline-min "$DEADLINE_MIN" \
     --log-dir /tmp/reproduce-logs --results "$OUT/results.jsonl" \
     $MODE --set data.loader_workers="$WORKERS" --set train.threads=2 $EXTRA 2>&1 | tail -n 40
 for f in /tmp/reproduce-logs/*.log; do echo "== $f"; grep -E "^(==|data:|epoch +(1|50|100|150|180|181|200)/|test:|wall)" "$f"; tail -n 2 "$f"; done >"$OUT/run_logs.txt" 2>&1
+tar -czf "$OUT/reproduce-logs.tar.gz" -C /tmp reproduce-logs
