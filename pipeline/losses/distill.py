@@ -136,13 +136,15 @@ def dkt_loss(
     if teacher_detach:
         teacher = teacher.detach()
 
-    is_target = F.one_hot(target, num_classes).bool()  # (B, C)
     if target_slot == "neg_inf":
-        # Keep only the C − 1 negative columns of every row (row-major order is preserved).
-        keep = ~is_target
-        teacher = teacher[keep].view(batch, num_classes - 1)
-        student = z[:, keep].view(num_experts, batch, num_classes - 1)
+        # Keep only the C − 1 negative columns of every row, in order: column j of the kept
+        # block is class j, or j + 1 from the target on (a gather, so shapes stay static).
+        cols = torch.arange(num_classes - 1, device=z.device)
+        keep = cols + (cols >= target[:, None])  # (B, C − 1)
+        teacher = teacher.gather(1, keep)
+        student = z.gather(2, keep.expand(num_experts, batch, num_classes - 1))
     else:
+        is_target = F.one_hot(target, num_classes).bool()  # (B, C)
         teacher_fill = 0.0 if target_slot == "code" else -scale
         teacher = teacher.masked_fill(is_target, teacher_fill)  # t_y
         student = z.masked_fill(is_target, -scale)  # u_m,y = −s for every expert m
@@ -175,6 +177,8 @@ def mutual_distillation_loss(
     p = log_p.exp()
     # pair_kl[j, m] = Σ_b Σ_c p_j (log p_j − log p_m): teacher j, student m.
     pair_kl = (p.unsqueeze(1) * (log_p.unsqueeze(1) - log_p.unsqueeze(0))).sum(dim=(2, 3))
+    # The diagonal (j = m) is exactly 0 in value and gradient (p·(a − a)); masking it by a
+    # product rather than boolean indexing keeps the shape static (capturable in a CUDA graph).
     off_diagonal = ~torch.eye(num_experts, dtype=torch.bool, device=z.device)
-    kl_sum = pair_kl[off_diagonal].sum()
+    kl_sum = (pair_kl * off_diagonal).sum()
     return _reduce_kl(kl_sum, batch, num_classes, reduction) * temperature**2

@@ -4,12 +4,15 @@ CUDA device the whole captured epoch against the eager one."""
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.datasets import make_loader
 from pipeline.data.sources import RawSplit
-from pipeline.engine import TrainingSession, epoch_seed
+from pipeline.engine import TrainingSession, epoch_seed, set_trainable
 from pipeline.graphs import sgd_update
+from pipeline.losses import build_objective
+from pipeline.models import build_model
 
 COUNTS = [40, 30, 20, 14, 10, 8, 6, 4, 3, 2]
 
@@ -52,6 +55,35 @@ def test_sgd_update_matches_torch_sgd(momentum, weight_decay, nesterov):
             torch.testing.assert_close(mine, theirs.detach(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.dkf=false"],
+        ["loss.dkt_weight=0"],
+        ["loss.target_slot=neg_inf", "loss.hardest_negative=min"],
+        ["model.arch=resnet32", "model.head=linear", "loss.stage1=ce"],
+        ["model.arch=resnet32", "model.head=linear", "loss.stage1=balanced_softmax"],
+    ],
+    ids=["shike", "no_dkf", "no_dkt", "neg_inf", "ce", "balanced_softmax"],
+)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_training_step_has_static_shapes(overrides, stage):
+    """What a CUDA graph cannot capture (boolean-mask indexing, .item(), nonzero) raises under
+    fake tensors too: this guards capturability on a machine without a GPU."""
+    cfg = load_config(None, ["data.dataset=cifar10", *overrides])
+    model = build_model(cfg.model, 10)
+    model.set_stage(stage)
+    set_trainable(model, stage)
+    objective = build_objective(cfg.loss, stage, COUNTS, cfg.model.cosine_scale)
+    objective(model(torch.randn(4, 3, 32, 32)), torch.arange(4))  # eager: buffers settle
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        terms = objective(model(images), labels)
+        terms.total.backward()
+        assert terms.total.shape == ()
+
+
 def test_cuda_graphs_need_amp_off():
     with pytest.raises(ConfigError, match="train.cuda_graphs needs train.amp=false"):
         load_config(None, ["train.cuda_graphs=true"])
@@ -75,7 +107,7 @@ def test_captured_epochs_match_eager_epochs_on_cuda(monkeypatch):
         "optim.epochs=3",
         "optim.stage2_start=2",
         "optim.batch_size=32",
-        "optim.warmup_epochs=2",
+        "optim.warmup_epochs=0",
         "data.loader_workers=0",
         "train.amp=false",
         "train.device=cuda",
