@@ -145,7 +145,8 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # autocast + GradScaler; only takes effect on CUDA
     channels_last: bool = False
-    # Capture the whole step as one CUDA graph (Ray-free engine, CUDA only; needs amp=false).
+    # Capture the whole step as one CUDA graph (Ray-free engine; needs amp=false). Off CUDA
+    # the same step runs uncaptured.
     cuda_graphs: bool = False
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch default
     eval_every: int = Field(1, ge=1)

@@ -235,7 +235,8 @@ class TrainingSession:
         self.class_counts = list(class_counts)
         self.device = device
         # The captured step replays one process's kernels; DDP's collectives are not in it.
-        self.cuda_graphs = cfg.train.cuda_graphs and device.type == "cuda"
+        # Off CUDA the same static-buffer step runs uncaptured.
+        self.cuda_graphs = cfg.train.cuda_graphs
         if self.cuda_graphs and wrap is not None:
             raise ConfigError("train.cuda_graphs is supported by the Ray-free engine only")
         self.wrap = wrap or (lambda m: m)

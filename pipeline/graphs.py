@@ -17,12 +17,16 @@ What makes the step capturable:
   the step runs in float32 with cuDNN's TF32 convolutions.
 - The last, partial batch of an epoch has another shape; it runs eagerly, and the gradients
   the graph writes to are put aside meanwhile.
+
+Off CUDA nothing is captured and the same static-buffer step runs as it is, so everything but
+the capture itself is tested on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +34,7 @@ from torch import Tensor, nn
 from pipeline.losses.objective import PART_KEYS
 
 
+@torch.no_grad()
 def sgd_update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -86,57 +91,69 @@ class CapturedTrainStep:
         self.device = self.params[0].device
         self.sums = {k: torch.zeros((), device=self.device) for k in PART_KEYS}
         self.lr = torch.zeros((), device=self.device)
+        # Off CUDA there is nothing to capture: the same static-buffer step runs uncaptured
+        # (what the tests on machines without a GPU exercise).
+        self.cuda = self.device.type == "cuda"
+        self.captured = False
         self.graph: torch.cuda.CUDAGraph | None = None
-        self._static_grads: list[Tensor | None] = []
-        self._side_stream = torch.cuda.Stream(self.device)
+        self._side_stream = torch.cuda.Stream(self.device) if self.cuda else None
 
-    # -- eager steps (warm-up and partial batches)
+    def _on_side_stream(self):
+        """Warm-up work runs on a side stream, as CUDA graph capture requires."""
+        if not self.cuda:
+            return nullcontext()
+        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self._side_stream)
+
+    # -- eager steps (warm-up and partial batches), through torch.optim.SGD
     def _eager_step(self, images: Tensor, labels: Tensor) -> None:
-        if self.graph is not None:  # keep the graph's gradient buffers out of the way
-            self._static_grads = [p.grad for p in self.params]
+        # Keep the captured gradient buffers out of the way: the graph writes to them.
+        static_grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
-        side = self._side_stream
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        with self._on_side_stream():
             terms = self.objective(self.model(images), labels)
             terms.total.backward()
             self.optimizer.step()
             for k in PART_KEYS:
                 self.sums[k] += terms.parts[k] * labels.shape[0]
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self.graph is not None:
-            for p, g in zip(self.params, self._static_grads, strict=True):
-                p.grad = g
-        else:
-            for p in self.params:
-                p.grad = None  # capture allocates the gradients from the graph's pool
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
+        for p, g in zip(self.params, static_grads, strict=True):
+            p.grad = g if self.captured else None  # capture allocates them from its pool
         self.eager_steps += 1
 
-    # -- capture
+    # -- the captured step
+    def _step(self) -> None:
+        """Forward, objective, backward and SGD update on the static buffers."""
+        for p in self.params:
+            p.grad = None  # backward writes fresh gradients (in a graph: into its own pool)
+        terms = self.objective(self.model(self.static_images), self.static_labels)
+        terms.total.backward()
+        live = [p for p in self.params if p.grad is not None]
+        momentum = self.group["momentum"]
+        sgd_update(
+            live,
+            [p.grad for p in live],
+            [self.optimizer.state[p]["momentum_buffer"] for p in live] if momentum else [],
+            self.lr,
+            momentum=momentum,
+            weight_decay=self.group["weight_decay"],
+            nesterov=self.group["nesterov"],
+        )
+        for k in PART_KEYS:
+            self.sums[k] += terms.parts[k] * self.batch_size
+
     def _capture(self, images: Tensor, labels: Tensor) -> None:
         self.static_images = images.clone()
         self.static_labels = labels.clone()
-        momentum = self.group["momentum"]
-        graph = torch.cuda.CUDAGraph()
+        self.captured = True
+        if not self.cuda:
+            return
+        self.graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(graph):
-            terms = self.objective(self.model(self.static_images), self.static_labels)
-            terms.total.backward()
-            live = [p for p in self.params if p.grad is not None]
-            buffers = [self.optimizer.state[p]["momentum_buffer"] for p in live] if momentum else []
-            sgd_update(
-                live,
-                [p.grad for p in live],
-                buffers,
-                self.lr,
-                momentum=momentum,
-                weight_decay=self.group["weight_decay"],
-                nesterov=self.group["nesterov"],
-            )
-            for k in PART_KEYS:
-                self.sums[k] += terms.parts[k] * self.batch_size
-        self.graph = graph
+        with torch.cuda.graph(self.graph):
+            self._step()
 
     def train_epoch(
         self, batches: Iterable[tuple[Tensor, Tensor]], lr: float, channels_last: bool = False
@@ -155,16 +172,20 @@ class CapturedTrainStep:
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             full = labels.shape[0] == self.batch_size
-            if full and self.graph is None and self.eager_steps >= self.warmup_steps:
+            if full and not self.captured and self.eager_steps >= self.warmup_steps:
                 self._capture(images, labels)
-            if full and self.graph is not None:
+            if full and self.captured:
                 self.static_images.copy_(images)
                 self.static_labels.copy_(labels)
-                self.graph.replay()
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._step()
             else:
                 self._eager_step(images, labels)
             samples += labels.shape[0]
             steps += 1
         sums = {k: v.clone() for k, v in self.sums.items()}
-        torch.cuda.synchronize(self.device)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         return sums, samples, steps, time.perf_counter() - start

@@ -23,8 +23,7 @@ COUNTS = [40, 30, 20, 14, 10, 8, 6, 4, 3, 2]
 def test_sgd_update_matches_torch_sgd(momentum, weight_decay, nesterov):
     torch.manual_seed(0)
     ref = [torch.randn(5, 3), torch.randn(7)]
-    ours = [p.clone() for p in ref]
-    params = [torch.nn.Parameter(p) for p in ref]
+    params = [torch.nn.Parameter(p.clone()) for p in ref]
     opt = torch.optim.SGD(
         params, lr=0.1, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
     )
@@ -38,7 +37,7 @@ def test_sgd_update_matches_torch_sgd(momentum, weight_decay, nesterov):
         opt.param_groups[0]["lr"] = step_lr
         opt.step()
         if step == 0:  # torch creates the buffers on its first step; ours starts from them
-            ours = [p.detach().clone() for p in params]
+            ours = [torch.nn.Parameter(p.detach().clone()) for p in params]  # leaves, as in use
             buffers = [opt.state[p]["momentum_buffer"].clone() for p in params] if momentum else []
             continue
         lr.fill_(step_lr)
@@ -52,7 +51,7 @@ def test_sgd_update_matches_torch_sgd(momentum, weight_decay, nesterov):
             nesterov=nesterov,
         )
         for mine, theirs in zip(ours, params, strict=True):
-            torch.testing.assert_close(mine, theirs.detach(), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -99,9 +98,20 @@ def _split(n_per_class):
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_captured_epochs_match_eager_epochs_on_cuda(monkeypatch):
-    """Three epochs (a stage switch, a partial last batch each epoch) captured vs eager."""
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_captured_epochs_match_eager_epochs(device, monkeypatch):
+    """Three epochs (a stage switch, a partial last batch each epoch) through the captured
+    step vs the eager one. On CPU the static-buffer step runs uncaptured: everything but the
+    capture (warm-up, gradient hand-over, partial batches, the SGD arithmetic) is checked."""
     split = _split(COUNTS)  # 137 images: 4 full batches of 32 and one of 9
     overrides = [
         "optim.epochs=3",
@@ -110,7 +120,7 @@ def test_captured_epochs_match_eager_epochs_on_cuda(monkeypatch):
         "optim.warmup_epochs=0",
         "data.loader_workers=0",
         "train.amp=false",
-        "train.device=cuda",
+        f"train.device={device}",
         "train.seed=5",
     ]
     # eager and replayed kernels then agree closely
@@ -118,7 +128,7 @@ def test_captured_epochs_match_eager_epochs_on_cuda(monkeypatch):
     sessions = {}
     for graphs in (False, True):
         cfg = load_config(None, [*overrides, f"train.cuda_graphs={str(graphs).lower()}"])
-        session = TrainingSession(cfg, COUNTS, torch.device("cuda"))
+        session = TrainingSession(cfg, COUNTS, torch.device(device))
         history = []
         while not session.finished:
             history.append(
@@ -130,11 +140,15 @@ def test_captured_epochs_match_eager_epochs_on_cuda(monkeypatch):
             )
         sessions[graphs] = (session, history)
     (eager, eager_hist), (graphed, graphed_hist) = sessions[False], sessions[True]
-    assert graphed._captured is not None and graphed._captured.graph is not None  # stage 2 too
+    assert graphed._captured is not None and graphed._captured.captured  # in stage 2 too
+    assert (graphed._captured.graph is not None) == (device == "cuda")
     for a, b in zip(eager_hist, graphed_hist, strict=True):
         assert a["samples"] == b["samples"] == len(split.labels)
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    # The same arithmetic up to rounding (p - lr*b vs p + (-lr)*b), which 15 steps amplify to
+    # ~1e-5..1e-4 relative; a skipped or mis-scaled update is orders of magnitude larger.
     for (name, a), b in zip(
         eager.model.state_dict().items(), graphed.model.state_dict().values(), strict=True
     ):
-        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-4, msg=name)
+        a, b = a.double(), b.double()
+        assert (a - b).norm() <= 1e-3 * b.norm() + 1e-9, name
