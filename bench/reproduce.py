@@ -164,7 +164,9 @@ def results_table(args: argparse.Namespace, results: list[dict], stopped: list[s
                 f"{pct(statistics.mean(top1))} ± {pct(statistics.stdev(top1))} | | | | | |"
             )
     text = f"config {args.config}, data {args.data}, overrides {args.overrides or 'none'}, "
-    text += f"{args.parallel} run(s) at a time on one machine\n\n" + "\n".join(rows)
+    text += f"{args.parallel} run(s) at a time on one machine"
+    if results:
+        text += "\n\n" + "\n".join(rows)
     if stopped:
         text += "\n\nNot finished:\n" + "\n".join(f"- {s}" for s in stopped)
     return text + "\n\n" + "\n".join(details)

@@ -23,15 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+from jobs._options import add_inference_options, apply_threads  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,30 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--data", required=True, help="prepared dataset: folder, file:// or s3:// URI")
     p.add_argument("--split", choices=("val", "test"), default="val", help="default: val")
-    p.add_argument(
-        "--workers", type=_positive_int, default=1,
-        help="Ray Data inference actors (default 1: in this process, no Ray)",
-    )  # fmt: skip
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="default: 256")
-    p.add_argument(
-        "--threads", type=_positive_int, default=None,
-        help="torch intra-op threads in this process (default: torch's choice)",
-    )  # fmt: skip
     p.add_argument("--output", default=None, metavar="CSV", help="write the per-class table here")
     p.add_argument("--no-log", action="store_true", help="do not log an MLflow evaluation run")
-    p.add_argument(
-        "--tracking-uri", default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )  # fmt: skip
+    add_inference_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     from pipeline.data import DataError
     from pipeline.evaluation import (

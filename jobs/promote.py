@@ -23,15 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+from jobs._options import add_inference_options, apply_threads  # noqa: E402
 
 
 def _margin(text: str) -> float:
@@ -64,28 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="top-1 accuracy the candidate must gain over the champion (default: 0.002 = 0.2%%)",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
-    p.add_argument(
-        "--workers", type=_positive_int, default=1,
-        help="Ray Data inference actors (default 1: in this process, no Ray)",
-    )  # fmt: skip
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="default: 256")
-    p.add_argument(
-        "--threads", type=_positive_int, default=None,
-        help="torch intra-op threads in this process (default: torch's choice)",
-    )  # fmt: skip
-    p.add_argument(
-        "--tracking-uri", default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )  # fmt: skip
+    add_inference_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
     import warnings
 

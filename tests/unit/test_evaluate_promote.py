@@ -38,36 +38,23 @@ from jobs import promote as promote_job  # noqa: E402
 from pipeline import evaluation, registry, tracking  # noqa: E402
 from pipeline.evaluation import EvaluationError  # noqa: E402
 from pipeline.registry import RegistryError  # noqa: E402
+from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
 MODEL = "shike-promo"
 FIVE = "shike-five"
-_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-_UNSET = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_REGISTRY_URI",
-    "MLFLOW_EXPERIMENT_ID",
-    "MLFLOW_EXPERIMENT_NAME",
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _mlflow_env(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("cwd")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in _ENV.items():
-            mp.setenv(key, value)
-        for key in _UNSET:
-            mp.delenv(key, raising=False)
-        mp.chdir(cwd)  # nothing may land in the working directory
-        # One intra-op thread: on a busy 2-core machine, OpenMP threads spinning against other
-        # processes make these tiny forward passes 20-50x slower.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+    # One intra-op thread: on a busy 2-core machine, OpenMP threads spinning against other
+    # processes make these tiny forward passes 20-50x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with isolated_mlflow_env(tmp_path_factory.mktemp("cwd")):
             yield
-        finally:
-            torch.set_num_threads(threads)
-    assert list(cwd.iterdir()) == []
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

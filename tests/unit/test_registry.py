@@ -17,28 +17,15 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline import registry, tracking  # noqa: E402
 from pipeline.registry import RegistryError  # noqa: E402
+from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
 NAMES = [f"class_{i}" for i in range(10)]
-_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-_UNSET = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_REGISTRY_URI",
-    "MLFLOW_EXPERIMENT_ID",
-    "MLFLOW_EXPERIMENT_NAME",
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _mlflow_env(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("cwd")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in _ENV.items():
-            mp.setenv(key, value)
-        for key in _UNSET:
-            mp.delenv(key, raising=False)
-        mp.chdir(cwd)  # nothing may land in the working directory
+    with isolated_mlflow_env(tmp_path_factory.mktemp("cwd")):
         yield
-    assert list(cwd.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

@@ -23,37 +23,16 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline import tracking  # noqa: E402
 from pipeline.tracking import RunLogger, TrackingError  # noqa: E402
-
-_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
-_UNSET = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_REGISTRY_URI",
-    "MLFLOW_EXPERIMENT_ID",
-    "MLFLOW_EXPERIMENT_NAME",
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _mlflow_env():
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in _ENV.items():
-            mp.setenv(key, value)
-        for key in _UNSET:
-            mp.delenv(key, raising=False)
-        yield
+from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cwd(tmp_path, monkeypatch):
-    """Run every test from an empty folder: nothing may land in the working directory."""
+def _isolated(tmp_path):
+    """Every test runs from an empty folder: nothing may land in the working directory."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    yield
-    assert sorted(p.name for p in cwd.iterdir()) == [], "tracking wrote into the working directory"
+    with isolated_mlflow_env(cwd):
+        yield
 
 
 @pytest.fixture(scope="module")
