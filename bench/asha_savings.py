@@ -101,7 +101,17 @@ def main() -> None:
         f"{params(full['best'])} | {full['best']['val/score']:.3f} |",
         "",
         f"Same best configuration with and without early stopping: {'yes' if same else 'no'}.",
+        "",
+        "| configuration | ASHA: epochs run | ASHA: last val/score | no early stopping: val/score |",
+        "|---|---|---|---|",
     ]
+    full_by_config = {params(r): r for r in full["trials"]}
+    for row in sorted(asha["trials"], key=params):
+        other = full_by_config[params(row)]
+        lines.append(
+            f"| {params(row)} | {row['epochs_run']} | {row['val/score']:.3f} | "
+            f"{other['val/score']:.3f} |"
+        )
     table = "\n".join(lines)
     if args.no_record:
         print(table)

@@ -260,7 +260,7 @@ class TrainingSession:
         scale = self.cfg.model.cosine_scale
         self.objective = build_objective(self.cfg.loss, stage, self.class_counts, scale)
         self.module = self.wrap(self.model)
-        self._captured = None  # a graph holds the old optimizer's buffers: capture again
+        self._captured = None  # a graph holds an optimizer's buffers: capture again on use
 
     @property
     def finished(self) -> bool:
@@ -332,8 +332,7 @@ class TrainingSession:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self._enter_stage(int(state["stage"]))
-        self.optimizer.load_state_dict(state["optimizer"])  # new buffer tensors
-        self._captured = None
+        self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         restore_rng_state(state["rng"])

@@ -18,6 +18,10 @@ What makes the step capturable:
 - The last, partial batch of an epoch has another shape; it runs eagerly, and the gradients
   the graph writes to are put aside meanwhile.
 
+Resuming from a checkpoint is exact up to rounding in this mode: the first steps after a
+restore are warm-up steps through `torch.optim.SGD`, whose update rounds differently from
+`sgd_update` in the last bit.
+
 Off CUDA nothing is captured and the same static-buffer step runs as it is, so everything but
 the capture itself is tested on machines without a GPU.
 """
