@@ -50,11 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from pipeline.data import DataError
-    from pipeline.distributed.tune import run_sweep
+    from pipeline.distributed.tune import SweepInterrupted, run_sweep
     from pipeline.tracking import TrackingError
 
     try:
         summary = run_sweep(spec, base, args.name, register=not args.no_register)
+    except SweepInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     except (SweepError, DataError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -98,9 +98,17 @@ class SweepSpec(_Strict):
     seed: int | None = 0
     space: dict[str, Distribution]
 
+    def expected_trials(self) -> int:
+        """Trials a complete sweep has: num_samples per combination of the grid values."""
+        return self.num_samples * math.prod(len(d.grid) for d in self.space.values() if d.grid)
+
 
 class SweepError(ValueError):
     """A bad sweep file or a sweep that could not run; the message names the culprit."""
+
+
+class SweepInterrupted(SweepError):
+    """The sweep was stopped (Ctrl-C) before every trial ended; its state is saved."""
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, Config]:
@@ -181,6 +189,30 @@ def max_concurrent(spec: SweepSpec, base: Config) -> int:
         return max(1, int(gpus // base.cluster.num_workers))
     per_trial = base.cluster.num_workers * base.cluster.cpus_per_worker + 1  # + Ray Data tasks
     return max(1, int(resources.get("CPU", 1) // per_trial))
+
+
+def _fit_noting_interrupt(tuner) -> tuple[Any, bool]:
+    """(tuner.fit(), whether Tune caught a SIGINT).
+
+    Tune swaps in its own SIGINT handler for the run; on the first Ctrl-C it puts the previous
+    handler back, otherwise it leaves its own installed. Which one is installed afterwards
+    therefore tells whether the run was interrupted; the previous handler is restored either
+    way, so that Ctrl-C works again while the best model is registered.
+    """
+    import signal
+    import threading
+
+    tune_catches = (
+        threading.current_thread() is threading.main_thread()
+        and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    )
+    previous = signal.getsignal(signal.SIGINT)
+    grid = tuner.fit()
+    if not tune_catches:
+        return grid, False
+    interrupted = signal.getsignal(signal.SIGINT) is previous
+    signal.signal(signal.SIGINT, previous)
+    return grid, interrupted
 
 
 def check_state_api(timeout_s: float = 15) -> None:
@@ -285,7 +317,15 @@ def run_sweep(
                 name=name, storage_path=storage_path, storage_filesystem=storage_fs
             ),
         )
-    grid = tuner.fit()
+    grid, interrupted = _fit_noting_interrupt(tuner)
+    # Ctrl-C makes Tune save its state and return early: the trials it stopped look like
+    # finished ones and those not yet generated are missing. Nothing is chosen from that.
+    if interrupted or len(grid) < spec.expected_trials():
+        parent.finish("KILLED")
+        raise SweepInterrupted(
+            f"sweep '{name}' was interrupted ({len(grid)} of {spec.expected_trials()} trials "
+            "started); relaunch it with the same name to resume"
+        )
 
     rows = []
     for result in grid:

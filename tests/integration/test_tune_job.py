@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +175,82 @@ def test_asha_sweep_tracks_parent_and_children_and_registers_the_best(
     # relaunching the finished sweep restores it instead of starting over
     again = run_sweep(spec, base, register=False)
     assert {r["trial_id"] for r in again["trials"]} == {r["trial_id"] for r in rows}
+
+
+def _finished_children(uri: str) -> list:
+    """Child (trial) runs whose trial driver finished (they close their run as FINISHED)."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") and r.info.status == "FINISHED"
+    ]
+
+
+def test_interrupted_sweep_resumes_when_relaunched(ray_cluster, learnable_dataset, tmp_path):
+    """Ctrl-C after the first trial: nothing is registered, the exit status says so; the
+    relaunch keeps the finished trial (not trained again) and runs the rest."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "name: sweep-resume\nbase_config: configs/smoke.yaml\nmetric: val/score\n"
+        "num_samples: 1\nmax_concurrent_trials: 1\nscheduler: {type: none}\n"
+        "space:\n  optim.peak_lr: {grid: [0.05, 0.1]}\n"
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [
+        f"data.uri={learnable_dataset}",
+        "cluster.num_workers=1",
+        "cluster.cpus_per_worker=0.5",
+        f"cluster.storage_path={tmp_path}/runs",
+        f"tracking.tracking_uri={uri}",
+        "tracking.model_name=shike-sweep-resume",
+        "optim.batch_size=16",
+        "train.threads=1",
+        "model.arch=resnet32",
+        "optim.epochs=1",
+        "optim.stage2_start=1",
+        "data.augment=none",
+    ]
+    cmd = [sys.executable, "-m", "jobs.tune", "--config", str(sweep)]
+    for o in overrides:
+        cmd += ["--set", o]
+    first = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=ray_cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not _finished_children(uri):
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no trial finished in 300 s"
+        time.sleep(2)
+    first.send_signal(signal.SIGINT)
+    try:
+        out, _ = first.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        first.kill()
+        out, _ = first.communicate()
+    assert first.returncode == 130, out[-3000:]
+    assert "relaunch it with the same name to resume" in out
+    client = MlflowClient(uri)
+    assert client.search_registered_models() == []  # nothing chosen from a partial sweep
+    [done_before] = _finished_children(uri)[:1]
+    history_before = client.get_metric_history(done_before.info.run_id, "val/score")
+
+    again = subprocess.run(
+        cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "sweep 'sweep-resume': 2 trials" in again.stdout
+    assert len(_finished_children(uri)) == 2
+    history = client.get_metric_history(done_before.info.run_id, "val/score")
+    assert len(history) == len(history_before)  # the finished trial was not trained again
+    parents = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if r.data.tags.get("shike.kind") == "sweep"
+    ]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert client.get_model_version_by_alias("shike-sweep-resume", "candidate")
