@@ -140,8 +140,8 @@ def test_asha_sweep_tracks_parent_and_children_and_registers_the_best(
             # has the same two stages at a third of the CPU time. No augmentation: AutoAugment's
             # colour operations would hide the colour that identifies each class here.
             "model.arch=resnet32",
-            "optim.epochs=3",
-            "optim.stage2_start=2",
+            "optim.epochs=2",  # ASHA rung at epoch 1, then stage 2
+            "optim.stage2_start=1",
             "data.augment=none",
         ],
     )
