@@ -1,15 +1,22 @@
-"""Command-line options shared by the jobs that run inference on a registered model."""
+"""Command-line value parsers and the options shared by the inference jobs."""
 
 from __future__ import annotations
 
 import argparse
 
 
-def positive_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value

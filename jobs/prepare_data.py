@@ -17,6 +17,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jobs._options import non_negative_int, positive_int  # noqa: E402
+
 
 def _positive_float(text: str) -> float:
     try:
@@ -30,23 +32,6 @@ def _positive_float(text: str) -> float:
 
 def _factor(text: str) -> float:
     value = _positive_float(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
@@ -102,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--n-max",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="images of the head class; default: the smallest per-class count of the source",
     )
@@ -115,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection-seed", type=int, default=0, help="seed of the 'shuffle' rule")
     p.add_argument(
         "--val-per-class",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=20,
         help="balanced val images per class, from training images the train split does not use",
     )
     p.add_argument(
         "--test-per-class",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="cap on test images per class (smoke runs); default: the whole official test set",
     )

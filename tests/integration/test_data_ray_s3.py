@@ -30,11 +30,6 @@ def own_s3(monkeypatch):
 
 
 def test_two_train_workers_cover_the_s3_split_once_per_epoch(ray_cluster, own_s3, tmp_path):
-    write_parquet_folder(tmp_path / "raw", train_per_class=20, test_per_class=2)
-    _run(own_s3, tmp_path)
-
-
-def _run(server, tmp_path):
     import ray.train
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -43,7 +38,8 @@ def _run(server, tmp_path):
     from pipeline.data.shards import load_split, prepare_dataset, read_manifest
     from pipeline.data.storage import S3Options, create_bucket
 
-    options = S3Options(endpoint_url=server.endpoint_url, region="us-east-1")
+    write_parquet_folder(tmp_path / "raw", train_per_class=20, test_per_class=2)
+    options = S3Options(endpoint_url=own_s3.endpoint_url, region="us-east-1")
     create_bucket("s3://ray-stream", options)
     uri = "s3://ray-stream/datasets/tiny"
     # IF 1 keeps all 200 training images: an even count, so Ray's equal split drops nothing.

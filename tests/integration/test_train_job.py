@@ -7,7 +7,6 @@ test uses its own run name, checkpoint storage and MLflow store.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers.cifar_archives import write_parquet_folder
+from tests.helpers.processes import interrupt, start_driver
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,18 +134,15 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, tiny_dataset
     import psutil
 
     name = "killed-worker"
-    proc = subprocess.Popen(
+    proc = start_driver(
         _train_cmd(
             tmp_path,
             tiny_dataset,
             name,
             **{**FAST, "optim.epochs": 5, "optim.stage2_start": 4, "cluster.max_failures": 1},
         ),
-        cwd=ROOT,
-        env=ray_cluster.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        ROOT,
+        ray_cluster.env,
     )
     _wait_for_registered_checkpoint(tmp_path / "runs", name, proc)
     workers = [
@@ -169,21 +166,9 @@ def test_driver_stopped_and_relaunched_continues_the_same_run(ray_cluster, tiny_
     cmd = _train_cmd(
         tmp_path, tiny_dataset, name, **{**FAST, "optim.epochs": 5, "optim.stage2_start": 4}
     )
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=ray_cluster.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_driver(cmd, ROOT, ray_cluster.env)
     _wait_for_registered_checkpoint(tmp_path / "runs", name, proc)
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+    interrupt(proc, timeout=60)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     [first] = _runs(uri, name)
     done = subprocess.run(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+
+from tests.helpers.processes import interrupt, start_driver
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,25 +214,13 @@ def test_interrupted_sweep_resumes_when_relaunched(ray_cluster, learnable_datase
     cmd = [sys.executable, "-m", "jobs.tune", "--config", str(sweep)]
     for o in overrides:
         cmd += ["--set", o]
-    first = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=ray_cluster.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    first = start_driver(cmd, ROOT, ray_cluster.env)
     deadline = time.monotonic() + 300
     while not _finished_children(uri):
         assert first.poll() is None, first.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "no trial finished in 300 s"
         time.sleep(2)
-    first.send_signal(signal.SIGINT)
-    try:
-        out, _ = first.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        first.kill()
-        out, _ = first.communicate()
+    out = interrupt(first, timeout=180)
     assert first.returncode == 130, out[-3000:]
     assert "relaunch it with the same name to resume" in out
     client = MlflowClient(uri)
