@@ -123,8 +123,12 @@ def test_captured_epochs_match_eager_epochs(device, monkeypatch):
         f"train.device={device}",
         "train.seed=5",
     ]
-    # eager and replayed kernels then agree closely
+    # Eager and replayed kernels then agree closely. cuDNN's TF32 is off (matmuls are float32
+    # by default): it rounds convolution inputs to 10 mantissa bits, which turns the last-bit
+    # difference between the two SGD updates into loss differences above the tolerance (seen
+    # on an H200: 4.8e-4 relative).
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     sessions = {}
     for graphs in (False, True):
         cfg = load_config(None, [*overrides, f"train.cuda_graphs={str(graphs).lower()}"])
