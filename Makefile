@@ -10,7 +10,7 @@ export CIFAR10_DIR
 export MLFLOW_DISABLE_TELEMETRY = true
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: install quickstart test test-fast lint bench clean
+.PHONY: install quickstart test lint bench bench-asha clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,16 @@ lint: install
 	$(BIN)/ruff check pipeline jobs tests bench
 	$(BIN)/ruff format --check pipeline jobs tests bench
 
+# The CPU benchmarks of BENCHMARKS.md (each appends its table there); bench-asha is the
+# 8-trial sweep comparison (about 14 minutes on 2 cores).
 bench: install
-	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/train_step.py --steps 10
+	$(BIN)/python bench/loader_speed.py --data $(CIFAR10_DIR) --workers 2
+	$(BIN)/python bench/data_pipeline.py --epochs 2
+	$(BIN)/python bench/pipeline_efficiency.py --workers 1 2 --epochs 3
+
+bench-asha: install
+	$(BIN)/python bench/asha_savings.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -6,7 +6,10 @@
 #   - the step benchmark (eager float32 / AMP / CUDA graph),
 #   - the reproduce benchmark on the carried CIFAR-10-LT shards (.data/cifar10-lt-if100),
 #     stopping what still runs when BUDGET_S seconds have passed since the script started.
-# Everything worth keeping lands in $OUT (at most 8 files).
+#     Runs checkpoint every epoch into $CHECKPOINTS (carry it: .data/ is ignored by git), so
+#     the next call, or the next session, continues them where they stopped.
+# Everything worth keeping lands in $OUT (at most 8 files): BENCHMARKS.part.md, results.jsonl,
+# logs.tar.gz, and ckpt-<run>.tar per run (unpack into $CHECKPOINTS here to carry it again).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
@@ -16,6 +19,7 @@ SEEDS=${SEEDS:-0 1}
 VARIANTS=${VARIANTS:-shike ce balanced_softmax no_dkt no_dkf}
 PARALLEL=${PARALLEL:-2}
 WORKERS=${WORKERS:-6}
+CHECKPOINTS=${CHECKPOINTS:-.data/gpu-checkpoints}
 EXTRA=${EXTRA:-}  # more --set overrides, e.g. "--set optim.epochs=2" for a dry run
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -24,18 +28,22 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 BENCHMARKS_FILE=$OUT/BENCHMA
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, os; print("torch", torch.__version__, torch.cuda.get_device_name(0), os.cpu_count(), "CPUs")'
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_graphs.py \
-    >"$OUT/pytest.log" 2>&1
+LOGS=/tmp/session-logs
+mkdir -p "$LOGS"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_graphs.py >"$LOGS/pytest.log" 2>&1
 status=$?
-tail -n 3 "$OUT/pytest.log"
+tail -n 3 "$LOGS/pytest.log"
 # Failures that are only tolerance misses (AssertionError) still mean the graph captures and
 # replays; any other error (a capture that raises) means the eager step.
-other_errors=$(grep -E "^E +[A-Za-z_.]*(Error|Exception)" "$OUT/pytest.log" | grep -vc AssertionError)
+other_errors=$(grep -E "^E +[A-Za-z_.]*(Error|Exception)" "$LOGS/pytest.log" | grep -vc AssertionError)
 if [ $status -eq 0 ] || { [ $status -eq 1 ] && [ "$other_errors" = 0 ]; }; then
     MODE="--set train.amp=false --set train.cuda_graphs=true"
     [ $status -eq 0 ] || echo "CUDA tests: tolerance misses only (see pytest.log); reproduce uses the graph"
 else MODE="--set train.amp=true"; echo "CUDA tests failed: reproduce runs eager with AMP"; fi
 
+if [ "${LOADER_BENCH:-1}" = 1 ]; then
+    timeout 60 python3 bench/loader_speed.py --data .data/cifar10-lt-if100 --workers 4 12 2>&1 | tail -n 4
+fi
 if [ "${STEP_BENCH:-1}" = 1 ]; then timeout 90 python3 bench/train_step.py --steps 50 2>&1 | tail -n 12; fi
 
 # what is left of the budget, less the time to stop the runs and write the summary
@@ -44,7 +52,16 @@ echo "reproduce: deadline in $DEADLINE_MIN min"
 # shellcheck disable=SC2086
 python3 bench/reproduce.py --config configs/cifar10_lt_if100.yaml --data .data/cifar10-lt-if100 \
     --seeds $SEEDS --variants $VARIANTS --parallel "$PARALLEL" --deadline-min "$DEADLINE_MIN" \
-    --log-dir /tmp/reproduce-logs --results "$OUT/results.jsonl" \
+    --log-dir "$LOGS/runs" --results "$OUT/results.jsonl" --checkpoints "$CHECKPOINTS" \
     $MODE --set data.loader_workers="$WORKERS" --set train.threads=2 $EXTRA 2>&1 | tail -n 40
-for f in /tmp/reproduce-logs/*.log; do echo "== $f"; grep -E "^(==|data:|epoch +(1|50|100|150|180|181|200)/|test:|wall)" "$f"; tail -n 2 "$f"; done >"$OUT/run_logs.txt" 2>&1
-tar -czf "$OUT/reproduce-logs.tar.gz" -C /tmp reproduce-logs
+for f in "$LOGS"/runs/*.log; do echo "== $f"; grep -E "^(==|data:|resumed|epoch +(1|50|100|150|180|181|200)/|test:|wall)" "$f"; tail -n 2 "$f"; done >"$LOGS/run_summary.txt" 2>&1
+cat "$LOGS/run_summary.txt"
+tar -czf "$OUT/logs.tar.gz" -C /tmp session-logs
+# A finished run needs only its result to be reported again; an unfinished one its checkpoint
+# (~10 MB for SHIKE: mind the 64 MiB a call carries, of which the shards take 49).
+for run in "$CHECKPOINTS"/*/; do
+    [ -d "$run" ] || continue
+    name=$(basename "$run")
+    if [ -f "$run/result.json" ]; then keep="$name/result.json"; else keep="$name"; fi
+    tar -cf "$OUT/ckpt-$name.tar" -C "$CHECKPOINTS" $keep
+done

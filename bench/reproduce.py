@@ -12,6 +12,11 @@ it prints and records top-1, many/medium/few, ECE, wall time and the per-class a
 `--results` also appends each finished run as a JSON line. `--set` overrides any config key
 (e.g. `--set optim.epochs=2` for a CPU check; on a GPU `--set train.amp=false --set
 train.cuda_graphs=true --set data.loader_workers=6`).
+
+`--checkpoints DIR` makes runs outlive one call (a GPU lease is shorter than a few runs): each
+run checkpoints every epoch into DIR/<variant>-seed<seed>/, a relaunch with the same DIR and
+arguments continues each unfinished run from its last epoch, and a run that finished in an
+earlier call is reported from its saved result instead of being trained again.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ def run_config(args: argparse.Namespace, variant: str, seed: int):
     return load_config(args.config, [*data, *variant_overrides, f"train.seed={seed}"])
 
 
+def run_dir(args: argparse.Namespace, variant: str, seed: int) -> Path | None:
+    """Where one run keeps its checkpoint and, once finished, its result."""
+    return Path(args.checkpoints) / f"{variant}-seed{seed}" if args.checkpoints else None
+
+
 def train_one(args: argparse.Namespace) -> None:
     """Child process: train one (variant, seed) and write its result as JSON."""
     from pipeline.engine import run
@@ -65,17 +75,22 @@ def train_one(args: argparse.Namespace) -> None:
     variant, seed = args.one[0], int(args.one[1])
     cfg = run_config(args, variant, seed)
     print(f"== {VARIANTS[variant][0]}, seed {seed}, {cfg.optim.epochs} epochs", flush=True)
-    out = run(cfg, log=lambda line: print(line, flush=True))
+    directory = run_dir(args, variant, seed)
+    checkpoint = str(directory) if directory else None
+    out = run(cfg, checkpoint_dir=checkpoint, log=lambda line: print(line, flush=True))
     result = {
         "variant": variant,
         "seed": seed,
         "epochs": cfg.optim.epochs,
+        "resumed_from_epoch": cfg.optim.epochs - len(out["history"]),
         "test": out["test"],
         "train_loop_seconds": sum(h["seconds"] for h in out["history"]),
         "wall_seconds": out["wall_seconds"],
-        "final_val_acc": out["history"][-1].get("val_acc"),
+        "final_val_acc": out["history"][-1].get("val_acc") if out["history"] else None,
     }
     Path(args.result_file).write_text(json.dumps(result))
+    if directory:
+        (directory / "result.json").write_text(json.dumps(result))
 
 
 def _tail(log: Path) -> str:
@@ -97,8 +112,16 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     passthrough = ["--config", args.config, "--data", args.data]
     for o in args.overrides:
         passthrough += ["--set", o]
+    if args.checkpoints:
+        passthrough += ["--checkpoints", args.checkpoints]
     running: dict[tuple[str, int], tuple[subprocess.Popen, Path]] = {}
     results, stopped = [], []
+    for variant, seed in list(jobs):
+        saved = run_dir(args, variant, seed)
+        if saved and (saved / "result.json").exists():
+            results.append({**json.loads((saved / "result.json").read_text()), "earlier": True})
+            jobs.remove((variant, seed))
+            print(f"{variant} seed {seed}: finished in an earlier call ({saved})", flush=True)
     while jobs or running:
         while jobs and len(running) < args.parallel:
             variant, seed = jobs.pop(0)
@@ -135,6 +158,17 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     return results, stopped
 
 
+def _time_cell(result: dict) -> str:
+    """Wall time of the call that finished the run; a resumed run's earlier epochs ran in
+    earlier calls and are not in it."""
+    cell = f"{result['wall_seconds']:.0f} s ({result['train_loop_seconds']:.0f} s)"
+    if result.get("resumed_from_epoch"):
+        cell += f", epochs {result['resumed_from_epoch'] + 1}-{result['epochs']} only"
+    if result.get("earlier"):
+        cell += ", finished in an earlier call"
+    return cell
+
+
 def results_table(args: argparse.Namespace, results: list[dict], stopped: list[str]) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:.2f}"
@@ -151,7 +185,7 @@ def results_table(args: argparse.Namespace, results: list[dict], stopped: list[s
             rows.append(
                 f"| {VARIANTS[variant][0]} | {r['seed']} | {pct(t['acc'])} | {pct(t['acc_many'])} "
                 f"| {pct(t['acc_medium'])} | {pct(t['acc_few'])} | {t['ece']:.4f} | "
-                f"{r['wall_seconds']:.0f} s ({r['train_loop_seconds']:.0f} s) |"
+                f"{_time_cell(r)} |"
             )
             details.append(
                 f"- {VARIANTS[variant][0]}, seed {r['seed']}, per-class top-1 (%): "
@@ -187,6 +221,7 @@ def main() -> None:
     ap.add_argument("--deadline-min", type=float, default=None, help="stop what still runs then")
     ap.add_argument("--log-dir", default=None, help="one log per run (default: a temp folder)")
     ap.add_argument("--results", default=None, help="append each finished run here (JSON lines)")
+    ap.add_argument("--checkpoints", default=None, help="resumable runs: checkpoint root folder")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)

@@ -18,7 +18,8 @@ each batch on its own and sum the per-batch count vectors on the driver in batch
 `workers > 1` path only changes *where* the batches run: Ray Data actors
 (`ActorPoolStrategy(size=workers)`) each holding the classifier, with one Ray Data row per
 evaluation batch, so Ray's own block and batch cuts can never re-cut a batch. The totals are
-therefore identical to `workers=1`, bit for bit. Ray is imported only inside that path.
+therefore identical to `workers=1`, bit for bit. That path lives in
+`pipeline/distributed/scoring.py`, imported only when it runs.
 
 Promotion rule: the candidate and the champion are evaluated on the same held-out split (val
 by default; the test set is allowed with a warning, since choosing models on it leaks it); the
@@ -193,75 +194,12 @@ def count_predictions(
         classifier.eval()
         flats = [score_batch(classifier, images[a:b], labels[a:b], num_classes) for a, b in ranges]
     else:
-        flats = _ray_batch_counts(
+        from pipeline.distributed.scoring import ray_batch_counts  # Ray only on this path
+
+        flats = ray_batch_counts(
             classifier, images, labels, num_classes, ranges, workers, cpus_per_worker
         )
     return _sum_in_order(flats, num_classes)
-
-
-class _RayBatchScorer:
-    """Ray Data callable class: holds the classifier and the split (from the object store);
-    each input row is one evaluation batch index."""
-
-    def __init__(self, boxed: list[Any], num_classes: int) -> None:
-        import ray
-
-        model, images, labels, ranges = (
-            ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in boxed
-        )
-        self.model = model.eval()
-        self.images, self.labels, self.ranges = images, labels, ranges
-        self.num_classes = num_classes
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        index = np.asarray(batch["id"], dtype=np.int64)
-        flats = []
-        for k in index:
-            a, b = self.ranges[int(k)]
-            # Copies: arrays from the object store are read-only (torch warns on those).
-            images = np.array(self.images[a:b])
-            labels = np.array(self.labels[a:b])
-            flats.append(score_batch(self.model, images, labels, self.num_classes).numpy())
-        width = 3 * self.num_classes + 3 * ECE_BINS
-        stacked = np.stack(flats) if flats else np.zeros((0, width))
-        return {"index": index, "counts": stacked}
-
-
-def _ray_batch_counts(
-    classifier: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
-    ranges: list[tuple[int, int]],
-    workers: int,
-    cpus_per_worker: float,
-) -> list[torch.Tensor]:
-    import ray
-
-    if not ranges:
-        return []
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)  # RAY_ADDRESS (ray job submit) or a local instance
-    boxed = [ray.put(classifier.cpu().eval()), ray.put(images), ray.put(labels), ranges]
-    ds = ray.data.range(len(ranges), override_num_blocks=min(len(ranges), 4 * workers))
-    scored = ds.map_batches(
-        _RayBatchScorer,
-        fn_constructor_kwargs={"boxed": boxed, "num_classes": num_classes},
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cpus_per_worker,
-    )
-    by_index: dict[int, np.ndarray] = {}
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        for k, flat in zip(batch["index"], batch["counts"], strict=True):
-            if int(k) in by_index:
-                raise EvaluationError(f"Ray Data returned evaluation batch {int(k)} twice")
-            by_index[int(k)] = np.array(flat, dtype=np.float64)  # a writable copy
-    missing = [k for k in range(len(ranges)) if k not in by_index]
-    if missing:
-        raise EvaluationError(f"Ray Data lost evaluation batches {missing[:10]}")
-    return [torch.from_numpy(by_index[k]) for k in range(len(ranges))]
 
 
 def _describe(model_uri: str, mv: Any) -> str:

@@ -82,3 +82,37 @@ def test_two_train_workers_cover_the_s3_split_once_per_epoch(ray_cluster, own_s3
         b = json.loads((out_dir / f"{epoch}-1.json").read_text())
         assert a and b and not set(a) & set(b), "workers must receive disjoint rows"
         assert sorted(a + b) == expected, "together the workers cover the split exactly once"
+
+
+def test_training_split_reshuffles_its_shards_every_epoch(ray_cluster, tmp_path):
+    """Each execution (epoch) of a training split reads the shards in a new seeded order; an
+    evaluation split keeps manifest order. Ray's output order is pinned (preserve_order) so
+    that only the file order can differ between the two epochs."""
+    from ray.data import DataContext
+
+    from pipeline.data.loading import split_dataset
+    from pipeline.data.shards import prepare_dataset, read_manifest
+
+    write_parquet_folder(tmp_path / "raw", train_per_class=20, test_per_class=2)
+    uri = str(tmp_path / "tiny")
+    prepare_dataset("cifar10", str(tmp_path / "raw"), uri, 1.0, val_per_class=0, shard_mb=0.01)
+    manifest = read_manifest(uri)
+    assert len(manifest.splits["train"].shards) >= 6  # 720 orders: a repeat is no accident
+
+    options = DataContext.get_current().execution_options
+    was, options.preserve_order = options.preserve_order, True
+    try:
+
+        def epochs(ds) -> list[list[str]]:
+            return [
+                [str(i) for b in ds.iter_batches(batch_format="numpy") for i in b["sample_id"]]
+                for _ in range(2)
+            ]
+
+        train = epochs(split_dataset(manifest, "train", train=True, seed=0, with_ids=True))
+        test = epochs(split_dataset(manifest, "test", train=False, with_ids=True))
+    finally:
+        options.preserve_order = was
+    assert sorted(train[0]) == sorted(train[1]) and len(train[0]) == 200
+    assert train[0] != train[1], "the training split must be read in a new order each epoch"
+    assert test[0] == test[1]

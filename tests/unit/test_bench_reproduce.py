@@ -1,0 +1,80 @@
+"""bench/reproduce.py on CPU with a tiny epoch count: what a GPU lease runs, checked here.
+
+Runs outlive one call through `--checkpoints`: a finished run is reported from its saved result,
+and a run whose checkpoint exists continues from it instead of training again.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers.cifar_archives import write_parquet_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _reproduce(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "reproduce.py"),
+        "--config",
+        "configs/smoke.yaml",
+        "--data",
+        str(tmp_path / "raw"),
+        "--variants",
+        "shike",
+        "ce",
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+        "--no-record",
+        "--set",
+        "optim.epochs=2",
+        "--set",
+        "optim.stage2_start=1",
+        "--set",
+        "optim.batch_size=32",
+        "--set",
+        "data.n_max=40",
+        "--set",
+        "data.imbalance_factor=10",
+        "--set",
+        "data.val_per_class=2",
+        "--set",
+        "data.test_per_class=4",
+        "--set",
+        "train.threads=1",
+        *extra,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_reproduce_runs_resume_and_are_not_trained_twice(tmp_path):
+    write_parquet_folder(tmp_path / "raw", train_per_class=48, test_per_class=4)
+    first = _reproduce(tmp_path, "--results", str(tmp_path / "results.jsonl"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "| SHIKE (DKF + DKT, 3 experts) | 0 |" in first.stdout
+    assert "| ResNet-32, cross-entropy | 0 |" in first.stdout
+    finished = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["variant"] for r in finished} == {"shike", "ce"}
+    assert all(r["resumed_from_epoch"] == 0 for r in finished)
+    shike_dir = tmp_path / "ckpt" / "shike-seed0"
+    assert (shike_dir / "state.pt").exists() and (shike_dir / "result.json").exists()
+
+    # Relaunched: both are reported from their saved results, nothing trains.
+    again = _reproduce(tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "shike seed 0: finished in an earlier call" in again.stdout
+    assert "started" not in again.stdout
+    assert again.stdout.count("finished in an earlier call |") == 2
+
+    # A run with a checkpoint but no result (stopped after its last save) continues from the
+    # checkpoint: no epoch is trained again and the test figures are those of the first call.
+    (shike_dir / "result.json").unlink()
+    resumed = _reproduce(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "started shike seed 0" in resumed.stdout and "started ce" not in resumed.stdout
+    result = json.loads((shike_dir / "result.json").read_text())
+    assert result["resumed_from_epoch"] == 2
+    first_shike = next(r for r in finished if r["variant"] == "shike")
+    assert result["test"]["acc"] == first_shike["test"]["acc"]
