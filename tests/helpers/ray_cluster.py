@@ -80,7 +80,7 @@ def _stop(tmp_dir: Path) -> None:
     for proc in mine:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=15)
+    _, alive = psutil.wait_procs(mine, timeout=5)  # test processes: no need to be patient
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
