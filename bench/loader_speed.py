@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     text = f"{len(split.labels)} training images, batch {cfg.optim.batch_size}\n\n{table}"
     print(text)
     if not args.no_record:
-        record("Loader: images/s of the engine's training loader", text, sys.argv)
+        record("Loader: images/s of the engine's training loader", text)
     return 0
 
 
