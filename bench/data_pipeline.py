@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.record import record  # noqa: E402
-from bench.train_step import step_times  # noqa: E402
+from bench.train_step import images_per_s  # noqa: E402
 
 
 def _passes(make_iter, epochs: int) -> list[float]:
@@ -92,7 +92,7 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = 128 / statistics.median(step_times([], 128, 5, 2, device))
+    step = images_per_s([], 128, 5, device)
 
     lines = [
         f"CIFAR-10-LT IF100 (12,406 training images), batch 128, median of {args.epochs} passes",

@@ -3,7 +3,8 @@
 #   - install the few pure-Python packages the engine needs from carried wheels (.whl/, see
 #     BENCHMARKS.md for the pip download line),
 #   - run the CUDA tests (the captured step against the eager one),
-#   - the step benchmark (eager float32 / AMP / CUDA graph),
+#   - the loader benchmark (LOADER_BENCH=0 skips it) and the step benchmark (eager float32 /
+#     AMP / CUDA graph; STEP_BENCH=0 skips it),
 #   - the reproduce benchmark on the carried CIFAR-10-LT shards (.data/cifar10-lt-if100),
 #     stopping what still runs when BUDGET_S seconds have passed since the script started.
 #     Runs checkpoint every epoch into $CHECKPOINTS (carry it: .data/ is ignored by git), so
@@ -15,10 +16,10 @@ OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
 STARTED=$(date +%s)
 BUDGET_S=${BUDGET_S:-560}
-SEEDS=${SEEDS:-0 1}
-VARIANTS=${VARIANTS:-shike ce balanced_softmax no_dkt no_dkf}
-PARALLEL=${PARALLEL:-2}
-WORKERS=${WORKERS:-6}
+SEEDS=${SEEDS:-0}
+VARIANTS=${VARIANTS:-shike ce balanced_softmax}
+PARALLEL=${PARALLEL:-1}  # runs sharing the GPU (call 3: three at a time, 4 workers each)
+WORKERS=${WORKERS:-12}   # loader workers a run
 CHECKPOINTS=${CHECKPOINTS:-.data/gpu-checkpoints}
 EXTRA=${EXTRA:-}  # more --set overrides, e.g. "--set optim.epochs=2" for a dry run
 

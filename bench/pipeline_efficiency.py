@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.record import record  # noqa: E402
-from bench.train_step import step_times  # noqa: E402
+from bench.train_step import images_per_s  # noqa: E402
 
 
 def main() -> None:
@@ -132,7 +132,7 @@ def main() -> None:
     ]
     for workers, job_rate, startup, threads in results:
         torch.set_num_threads(threads)
-        bare = 128 / statistics.median(step_times([], 128, 5, 2, torch.device("cpu")))
+        bare = images_per_s([], 128, 5, torch.device("cpu"))
         rows.append(
             f"| {workers} | {threads} | {job_rate:.1f} | {bare:.1f} | {job_rate / bare:.2f} | {startup:.1f} |"
         )
