@@ -1,4 +1,5 @@
-"""bench/reproduce.py on CPU with a tiny epoch count: what a GPU lease runs, checked here.
+"""bench/: reproduce.py on CPU with a tiny epoch count (what a GPU lease runs), and every
+script importable.
 
 Runs outlive one call through `--checkpoints`: a finished run is reported from its saved result,
 and a run whose checkpoint exists continues from it instead of training again.
@@ -78,3 +79,14 @@ def test_reproduce_runs_resume_and_are_not_trained_twice(tmp_path):
     assert result["resumed_from_epoch"] == 2
     first_shike = next(r for r in finished if r["variant"] == "shike")
     assert result["test"]["acc"] == first_shike["test"]["acc"]
+
+
+def test_every_bench_script_imports():
+    """The benchmark scripts run rarely (make bench, a GPU lease): a renamed helper must fail
+    here, not in the middle of a benchmark run."""
+    names = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__")
+    code = f"import importlib\nfor n in {names!r}: importlib.import_module('bench.' + n)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
