@@ -20,11 +20,16 @@ SEEDS=${SEEDS:-0}
 VARIANTS=${VARIANTS:-shike ce balanced_softmax}
 PARALLEL=${PARALLEL:-1}  # runs sharing the GPU (call 3: three at a time, 4 workers each)
 WORKERS=${WORKERS:-12}   # loader workers a run
+DATA=${DATA:-.data/cifar10-lt-if100}
 CHECKPOINTS=${CHECKPOINTS:-.data/gpu-checkpoints}
 EXTRA=${EXTRA:-}  # more --set overrides, e.g. "--set optim.epochs=2" for a dry run
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+# WHEELS= (empty) skips the install: a dry run here, where the packages are in the venv.
+WHEELS=${WHEELS-.whl}
+if [ -n "$WHEELS" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 BENCHMARKS_FILE=$OUT/BENCHMARKS.part.md
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, os; print("torch", torch.__version__, torch.cuda.get_device_name(0), os.cpu_count(), "CPUs")'
@@ -43,7 +48,7 @@ if [ $status -eq 0 ] || { [ $status -eq 1 ] && [ "$other_errors" = 0 ]; }; then
 else MODE="--set train.amp=true"; echo "CUDA tests failed: reproduce runs eager with AMP"; fi
 
 if [ "${LOADER_BENCH:-1}" = 1 ]; then
-    timeout 60 python3 bench/loader_speed.py --data .data/cifar10-lt-if100 --workers 4 12 2>&1 | tail -n 4
+    timeout 60 python3 bench/loader_speed.py --data "$DATA" --workers 4 12 2>&1 | tail -n 4
 fi
 if [ "${STEP_BENCH:-1}" = 1 ]; then timeout 90 python3 bench/train_step.py --steps 50 2>&1 | tail -n 12; fi
 
@@ -51,7 +56,7 @@ if [ "${STEP_BENCH:-1}" = 1 ]; then timeout 90 python3 bench/train_step.py --ste
 DEADLINE_MIN=$(python3 -c "print(max(1, $BUDGET_S - ($(date +%s) - $STARTED) - 20) / 60)")
 echo "reproduce: deadline in $DEADLINE_MIN min"
 # shellcheck disable=SC2086
-python3 bench/reproduce.py --config configs/cifar10_lt_if100.yaml --data .data/cifar10-lt-if100 \
+python3 bench/reproduce.py --config configs/cifar10_lt_if100.yaml --data "$DATA" \
     --seeds $SEEDS --variants $VARIANTS --parallel "$PARALLEL" --deadline-min "$DEADLINE_MIN" \
     --log-dir "$LOGS/runs" --results "$OUT/results.jsonl" --checkpoints "$CHECKPOINTS" \
     $MODE --set data.loader_workers="$WORKERS" --set train.threads=2 $EXTRA 2>&1 | tail -n 40
