@@ -7,7 +7,8 @@
 #     AMP / CUDA graph; STEP_BENCH=0 skips it),
 #   - the reproduce benchmark on the carried CIFAR-10-LT shards (.data/cifar10-lt-if100),
 #     stopping what still runs when BUDGET_S seconds have passed since the script started.
-#     Runs checkpoint every epoch into $CHECKPOINTS (carry it: .data/ is ignored by git), so
+#     Runs checkpoint every CHECKPOINT_EVERY (5) epochs into $CHECKPOINTS (~10 MB each time
+#     for SHIKE; carry the folder: .data/ is ignored by git), so
 #     the next call, or the next session, continues them where they stopped.
 # Everything worth keeping lands in $OUT (at most 8 files): BENCHMARKS.part.md, results.jsonl,
 # logs.tar.gz, and ckpt-<run>.tar per run (unpack into $CHECKPOINTS here to carry it again).
@@ -59,7 +60,8 @@ echo "reproduce: deadline in $DEADLINE_MIN min"
 python3 bench/reproduce.py --config configs/cifar10_lt_if100.yaml --data "$DATA" \
     --seeds $SEEDS --variants $VARIANTS --parallel "$PARALLEL" --deadline-min "$DEADLINE_MIN" \
     --log-dir "$LOGS/runs" --results "$OUT/results.jsonl" --checkpoints "$CHECKPOINTS" \
-    $MODE --set data.loader_workers="$WORKERS" --set train.threads=2 $EXTRA 2>&1 | tail -n 40
+    $MODE --set data.loader_workers="$WORKERS" --set train.threads=2 \
+    --set train.checkpoint_every="${CHECKPOINT_EVERY:-5}" $EXTRA 2>&1 | tail -n 40
 for f in "$LOGS"/runs/*.log; do echo "== $f"; grep -E "^(==|data:|resumed|epoch +(1|50|100|150|180|181|200)/|test:|wall)" "$f"; tail -n 2 "$f"; done >"$LOGS/run_summary.txt" 2>&1
 cat "$LOGS/run_summary.txt"
 tar -czf "$OUT/logs.tar.gz" -C /tmp session-logs
