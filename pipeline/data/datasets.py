@@ -143,9 +143,10 @@ class ImageArrayDataset(Dataset):
         # A loader worker's RNG is its own; in the main process, leave the caller's RNG intact.
         in_worker = get_worker_info() is not None
         with nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
-            # The transforms draw from the CPU generator only; `torch.manual_seed` would also
-            # seed every accelerator's generators, which costs ~90 us an image (as much as
-            # the whole augmentation).
+            # The transforms draw from the CPU generator only. `torch.manual_seed` would also
+            # queue a lazy CUDA seeding, which records a Python stack trace on every call where
+            # CUDA is not initialised (loader workers): ~90 us an image, as much as the whole
+            # augmentation.
             torch.default_generator.manual_seed(seed)
             return self.transform(image), self.labels[i]
 
