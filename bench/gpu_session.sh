@@ -7,8 +7,8 @@
 #     AMP / CUDA graph; STEP_BENCH=0 skips it),
 #   - the reproduce benchmark on the carried CIFAR-10-LT shards (.data/cifar10-lt-if100),
 #     stopping what still runs when BUDGET_S seconds have passed since the script started.
-#     Runs checkpoint every CHECKPOINT_EVERY (5) epochs into $CHECKPOINTS (~10 MB each time
-#     for SHIKE; carry the folder: .data/ is ignored by git), so
+#     Runs checkpoint every CHECKPOINT_EVERY (5) epochs into $CHECKPOINTS (carry the folder:
+#     .data/ is ignored by git), so
 #     the next call, or the next session, continues them where they stopped.
 # Everything worth keeping lands in $OUT (at most 8 files): BENCHMARKS.part.md, results.jsonl,
 # logs.tar.gz, and ckpt-<run>.tar per run (unpack into $CHECKPOINTS here to carry it again).
@@ -66,7 +66,8 @@ for f in "$LOGS"/runs/*.log; do echo "== $f"; grep -E "^(==|data:|resumed|epoch 
 cat "$LOGS/run_summary.txt"
 tar -czf "$OUT/logs.tar.gz" -C /tmp session-logs
 # A finished run needs only its result to be reported again; an unfinished one its checkpoint
-# (~10 MB for SHIKE: mind the 64 MiB a call carries, of which the shards take 49).
+# (9.6 MiB for SHIKE in stage 1, 3.7 MiB for ResNet-32; a call carries 64 MiB, of which the
+# shards take 49: with PARALLEL=1 at most one run is unfinished at a time).
 for run in "$CHECKPOINTS"/*/; do
     [ -d "$run" ] || continue
     name=$(basename "$run")

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.record import record  # noqa: E402
+from bench.reproduce import data_override  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.datasets import load_longtailed, make_loader  # noqa: E402
 
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
-    prepared = (Path(args.data) / "manifest.json").exists() or args.data.startswith("s3://")
-    cfg = load_config(args.config, [f"data.{'uri' if prepared else 'source'}={args.data}"])
+    cfg = load_config(args.config, [data_override(args.data)])
     split = load_longtailed(cfg.data).train
     rows = ["| loader workers | images/s |", "|---:|---:|"]
     for workers in args.workers:

@@ -51,11 +51,16 @@ VARIANTS = {
 }
 
 
+def data_override(data: str) -> str:
+    """`data.uri=` for prepared shards (a manifest, or s3://), else `data.source=` (raw)."""
+    prepared = (Path(data) / "manifest.json").exists() or data.startswith("s3://")
+    return f"{'data.uri' if prepared else 'data.source'}={data}"
+
+
 def run_config(args: argparse.Namespace, variant: str, seed: int):
     from pipeline.config import load_config
 
-    is_prepared = (Path(args.data) / "manifest.json").exists() or args.data.startswith("s3://")
-    data = [f"{'data.uri' if is_prepared else 'data.source'}={args.data}", *args.overrides]
+    data = [data_override(args.data), *args.overrides]
     epochs = load_config(args.config, data).optim.epochs
     variant_overrides = [
         f"optim.stage2_start={epochs}" if o == "STAGE2_OFF" else o for o in VARIANTS[variant][1]

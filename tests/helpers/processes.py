@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from contextlib import nullcontext
 from pathlib import Path
 
 
 def start_driver(cmd: list[str], cwd: Path, env: dict, log: Path | None = None) -> subprocess.Popen:
     """The driver's output goes to a pipe, or to `log` for a driver that runs long enough to
     fill a pipe nobody reads."""
-    if log is None:
+    with open(log, "w") if log else nullcontext(subprocess.PIPE) as stdout:
         return subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-    with open(log, "w") as fh:
-        return subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True
+            cmd, cwd=cwd, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True
         )
 
 

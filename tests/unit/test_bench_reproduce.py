@@ -15,38 +15,25 @@ from tests.helpers.cifar_archives import write_parquet_folder
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# A tiny recipe: 2 epochs (stage 2 in the second) on a 10-class long-tailed toy split.
+TINY = [
+    "optim.epochs=2",
+    "optim.stage2_start=1",
+    "optim.batch_size=32",
+    "data.n_max=40",
+    "data.imbalance_factor=10",
+    "data.val_per_class=2",
+    "data.test_per_class=4",
+    "train.threads=1",
+]
+
+
 def _reproduce(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        str(ROOT / "bench" / "reproduce.py"),
-        "--config",
-        "configs/smoke.yaml",
-        "--data",
-        str(tmp_path / "raw"),
-        "--variants",
-        "shike",
-        "ce",
-        "--checkpoints",
-        str(tmp_path / "ckpt"),
-        "--no-record",
-        "--set",
-        "optim.epochs=2",
-        "--set",
-        "optim.stage2_start=1",
-        "--set",
-        "optim.batch_size=32",
-        "--set",
-        "data.n_max=40",
-        "--set",
-        "data.imbalance_factor=10",
-        "--set",
-        "data.val_per_class=2",
-        "--set",
-        "data.test_per_class=4",
-        "--set",
-        "train.threads=1",
-        *extra,
-    ]
+    cmd = [sys.executable, str(ROOT / "bench" / "reproduce.py"), "--config", "configs/smoke.yaml"]
+    cmd += ["--data", str(tmp_path / "raw"), "--variants", "shike", "ce", "--no-record"]
+    cmd += ["--checkpoints", str(tmp_path / "ckpt"), *extra]
+    for override in TINY:
+        cmd += ["--set", override]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
