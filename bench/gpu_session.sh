@@ -8,8 +8,7 @@
 #   - the reproduce benchmark on the carried CIFAR-10-LT shards (.data/cifar10-lt-if100),
 #     stopping what still runs when BUDGET_S seconds have passed since the script started.
 #     Runs checkpoint every CHECKPOINT_EVERY (5) epochs into $CHECKPOINTS (carry the folder:
-#     .data/ is ignored by git), so
-#     the next call, or the next session, continues them where they stopped.
+#     .data/ is ignored by git), so the next call, or the next session, continues them.
 # Everything worth keeping lands in $OUT (at most 8 files): BENCHMARKS.part.md, results.jsonl,
 # logs.tar.gz, and ckpt-<run>.tar per run (unpack into $CHECKPOINTS here to carry it again).
 set -uo pipefail

@@ -9,8 +9,8 @@ images, 5000 -> the full 12,406; stage 1 only) reports `train/images_per_s` per 
 wall time of the epoch's training loop, data waits included); the median over epochs after the
 first is compared with the bare step (same model, batch 128, same total torch threads) measured
 in the same run. Also: seconds from `ray job submit` to the first batch reaching the training
-step. Each epoch has a fixed cost (a new Ray Data execution, the shuffle buffer filling before
-the first batch), so the ratio grows with the epoch's size.
+step. The ratio grows with the epoch's size (0.44 -> 0.71 with 1 worker in BENCHMARKS.md): part
+of the job's cost comes once per epoch.
 """
 
 from __future__ import annotations
