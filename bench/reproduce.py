@@ -16,7 +16,8 @@ train.cuda_graphs=true --set data.loader_workers=6`).
 `--checkpoints DIR` makes runs outlive one call (a GPU lease is shorter than a few runs): each
 run checkpoints every epoch into DIR/<variant>-seed<seed>/, a relaunch with the same DIR and
 arguments continues each unfinished run from its last epoch, and a run that finished in an
-earlier call is reported from its saved result instead of being trained again.
+earlier call is reported from its saved result instead of being trained again. A DIR whose runs
+were trained with other settings (another config or `--set`) is refused: use another DIR.
 """
 
 from __future__ import annotations
@@ -71,6 +72,22 @@ def run_config(args: argparse.Namespace, variant: str, seed: int):
 def run_dir(args: argparse.Namespace, variant: str, seed: int) -> Path | None:
     """Where one run keeps its checkpoint and, once finished, its result."""
     return Path(args.checkpoints) / f"{variant}-seed{seed}" if args.checkpoints else None
+
+
+def refuse_other_settings(args: argparse.Namespace) -> None:
+    """Exit if a run's folder under `--checkpoints` was trained with other settings: its saved
+    result would be reported, or its checkpoint resumed, as this configuration's."""
+    from pipeline.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+
+    for seed in args.seeds:
+        for variant in args.variants:
+            directory = run_dir(args, variant, seed)
+            if not (directory and (directory / CHECKPOINT_FILE).is_file()):
+                continue
+            try:
+                load_checkpoint(directory, run_config(args, variant, seed).config_hash())
+            except CheckpointError as exc:
+                sys.exit(f"error: {variant} seed {seed}: {exc}; pass another --checkpoints folder")
 
 
 def train_one(args: argparse.Namespace) -> None:
@@ -240,6 +257,7 @@ def main() -> None:
         run_config(args, args.variants[0], args.seeds[0])
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
+    refuse_other_settings(args)
     results, stopped = run_all(args)
     table = results_table(args, results, stopped)
     if args.no_record:

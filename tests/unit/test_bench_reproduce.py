@@ -2,7 +2,8 @@
 script importable.
 
 Runs outlive one call through `--checkpoints`: a finished run is reported from its saved result,
-and a run whose checkpoint exists continues from it instead of training again.
+a run whose checkpoint exists continues from it instead of training again, and a folder written
+with other settings is refused.
 """
 
 import json
@@ -66,6 +67,14 @@ def test_reproduce_runs_resume_and_are_not_trained_twice(tmp_path):
     assert result["resumed_from_epoch"] == 2
     first_shike = next(r for r in finished if r["variant"] == "shike")
     assert result["test"]["acc"] == first_shike["test"]["acc"]
+
+    # Other settings with the same folder: refused up front, before anything trains or is
+    # reported as if it had run with them, and the saved runs stay as they were.
+    other = _reproduce(tmp_path, "--set", "loss.dkt_weight=5")
+    assert other.returncode != 0
+    assert "error: shike seed 0:" in other.stderr and "refusing to resume" in other.stderr
+    assert str(shike_dir) in other.stderr and "started" not in other.stdout
+    assert json.loads((shike_dir / "result.json").read_text()) == result
 
 
 def test_every_bench_script_imports():
