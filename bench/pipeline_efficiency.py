@@ -9,8 +9,8 @@ images, 5000 -> the full 12,406; stage 1 only) reports `train/images_per_s` per 
 wall time of the epoch's training loop, data waits included); the median over epochs after the
 first is compared with the bare step (same model, batch 128, same total torch threads) measured
 in the same run. Also: seconds from `ray job submit` to the first batch reaching the training
-step. The ratio grows with the epoch's size (0.44 -> 0.71 with 1 worker in BENCHMARKS.md): part
-of the job's cost comes once per epoch.
+step. Part of the job's cost comes once per epoch, so the ratio grows with the epoch's size:
+compare `--head-images 500` with `--head-images 5000` (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ it prints and records top-1, many/medium/few, ECE, wall time and the per-class a
 train.cuda_graphs=true --set data.loader_workers=6`).
 
 `--checkpoints DIR` makes runs outlive one call (a GPU lease is shorter than a few runs): each
-run checkpoints every epoch into DIR/<variant>-seed<seed>/, a relaunch with the same DIR and
-arguments continues each unfinished run from its last epoch, and a run that finished in an
-earlier call is reported from its saved result instead of being trained again. A DIR whose runs
-were trained with other settings (another config or `--set`) is refused: use another DIR.
+run checkpoints into DIR/<variant>-seed<seed>/ every `train.checkpoint_every` epochs (default
+1), a relaunch with the same DIR and arguments continues each unfinished run from its last
+checkpoint, and a run that finished in an earlier call is reported from its saved result instead
+of being trained again. A DIR whose runs were trained with other settings (another config or
+`--set`) is refused: use another DIR.
 """
 
 from __future__ import annotations
