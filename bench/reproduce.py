@@ -19,6 +19,11 @@ run checkpoints into DIR/<variant>-seed<seed>/ every `train.checkpoint_every` ep
 checkpoint, and a run that finished in an earlier call is reported from its saved result instead
 of being trained again. A DIR whose runs were trained with other settings (another config or
 `--set`) is refused: use another DIR.
+
+`--report RESULT.json ...` trains nothing: it makes the same table (with mean ± std over seeds)
+from saved results, e.g. the runs kept in bench/logs/ that different calls or sessions finished:
+
+    python bench/reproduce.py --report bench/logs/*-cpu-*-seed*/result.json
 """
 
 from __future__ import annotations
@@ -192,6 +197,25 @@ def _time_cell(result: dict) -> str:
     return cell
 
 
+def load_results(paths: list[str]) -> list[dict]:
+    """Saved results (`result.json` of finished runs) for `--report`; one per (variant, seed)."""
+    results, seen = [], {}
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+            key = (result["variant"], result["seed"])
+            result["test"]["acc"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            sys.exit(f"error: {path}: not a saved reproduce result ({exc!r})")
+        if key[0] not in VARIANTS:
+            sys.exit(f"error: {path}: unknown variant {key[0]!r}")
+        if key in seen:
+            sys.exit(f"error: {key[0]} seed {key[1]} is in both {seen[key]} and {path}")
+        seen[key] = path
+        results.append(result)
+    return results
+
+
 def results_table(args: argparse.Namespace, results: list[dict], stopped: list[str]) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:.2f}"
@@ -220,8 +244,11 @@ def results_table(args: argparse.Namespace, results: list[dict], stopped: list[s
                 f"| {VARIANTS[variant][0]}: mean ± std over {len(top1)} seeds | | "
                 f"{pct(statistics.mean(top1))} ± {pct(statistics.stdev(top1))} | | | | | |"
             )
-    text = f"config {args.config}, data {args.data}, overrides {args.overrides or 'none'}, "
-    text += f"{args.parallel} run(s) at a time on one machine"
+    if args.report:
+        text = "from saved results: " + ", ".join(args.report)
+    else:
+        text = f"config {args.config}, data {args.data}, overrides {args.overrides or 'none'}, "
+        text += f"{args.parallel} run(s) at a time on one machine"
     if results:
         text += "\n\n" + "\n".join(rows)
     if stopped:
@@ -229,14 +256,19 @@ def results_table(args: argparse.Namespace, results: list[dict], stopped: list[s
     return text + "\n\n" + "\n".join(details)
 
 
+def _print_or_record(args: argparse.Namespace, table: str) -> None:
+    if args.no_record:
+        print(table)
+    else:
+        record("Reproduce: paper recipe and baselines (Ray-free engine)", table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--config", default="configs/cifar10_lt_if100.yaml")
-    ap.add_argument(
-        "--data", required=True, help="prepared shard folder/URI, or a raw source folder/archive"
-    )
+    ap.add_argument("--data", help="prepared shard folder/URI, or a raw source folder/archive")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=["shike"], choices=sorted(VARIANTS))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -245,6 +277,9 @@ def main() -> None:
     ap.add_argument("--log-dir", default=None, help="one log per run (default: a temp folder)")
     ap.add_argument("--results", default=None, help="append each finished run here (JSON lines)")
     ap.add_argument("--checkpoints", default=None, help="resumable runs: checkpoint root folder")
+    ap.add_argument(
+        "--report", nargs="+", metavar="RESULT_JSON", help="table of saved results only"
+    )
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -252,6 +287,13 @@ def main() -> None:
     if args.one:
         train_one(args)
         return
+    if args.report:
+        results = load_results(args.report)
+        args.variants = [v for v in VARIANTS if any(r["variant"] == v for r in results)]
+        _print_or_record(args, results_table(args, results, []))
+        return
+    if not args.data:
+        ap.error("--data is required (unless --report)")
     from pipeline.config import ConfigError
 
     try:  # a bad --config / --set fails here, once, not in every child
@@ -260,11 +302,7 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     refuse_other_settings(args)
     results, stopped = run_all(args)
-    table = results_table(args, results, stopped)
-    if args.no_record:
-        print(table)
-    else:
-        record("Reproduce: paper recipe and baselines (Ray-free engine)", table)
+    _print_or_record(args, results_table(args, results, stopped))
     if not results:
         sys.exit(1)
 

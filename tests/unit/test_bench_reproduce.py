@@ -3,7 +3,7 @@ script importable.
 
 Runs outlive one call through `--checkpoints`: a finished run is reported from its saved result,
 a run whose checkpoint exists continues from it instead of training again, and a folder written
-with other settings is refused.
+with other settings is refused. `--report` tables saved results without training.
 """
 
 import json
@@ -75,6 +75,50 @@ def test_reproduce_runs_resume_and_are_not_trained_twice(tmp_path):
     assert "error: shike seed 0:" in other.stderr and "refusing to resume" in other.stderr
     assert str(shike_dir) in other.stderr and "started" not in other.stdout
     assert json.loads((shike_dir / "result.json").read_text()) == result
+
+
+def _saved_result(path: Path, variant: str, seed: int, acc: float) -> str:
+    test = {"acc": acc, "top5": 0.99, "ece": 0.05, "acc_many": acc, "acc_medium": acc}
+    test |= {"acc_few": float("nan"), "per_class_acc": [acc] * 10, "num_samples": 100}
+    result = {"variant": variant, "seed": seed, "epochs": 200, "resumed_from_epoch": 0}
+    result |= {"test": test, "train_loop_seconds": 9.0, "wall_seconds": 10.0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return str(path)
+
+
+def _report(*paths: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "bench" / "reproduce.py"), "--no-record", "--report", *paths]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_report_tables_saved_results_over_seeds_and_refuses_bad_ones(tmp_path):
+    """Seeds finished in different calls or sessions (their result.json kept in bench/logs/)
+    make one table, with mean ± std per variant, without training anything."""
+    files = [
+        _saved_result(tmp_path / "a" / "result.json", "shike", 0, 0.80),
+        _saved_result(tmp_path / "b" / "result.json", "shike", 1, 0.82),
+        _saved_result(tmp_path / "c" / "result.json", "ce", 0, 0.70),
+    ]
+    report = _report(*files)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "| SHIKE (DKF + DKT, 3 experts) | 1 | 82.00 |" in report.stdout
+    assert "| SHIKE (DKF + DKT, 3 experts): mean ± std over 2 seeds | | 81.00 ± 1.41 |" in (
+        report.stdout
+    )
+    assert "| ResNet-32, cross-entropy | 0 | 70.00 |" in report.stdout
+    assert "cross-entropy: mean" not in report.stdout and "started" not in report.stdout
+
+    duplicate = _saved_result(tmp_path / "d" / "result.json", "shike", 1, 0.5)
+    twice = _report(*files, duplicate)
+    assert twice.returncode != 0
+    assert f"shike seed 1 is in both {files[1]} and {duplicate}" in twice.stderr
+
+    broken = tmp_path / "e" / "result.json"
+    broken.parent.mkdir()
+    broken.write_text('{"variant": "shike"}')
+    bad = _report(files[0], str(broken))
+    assert bad.returncode != 0 and f"error: {broken}: not a saved reproduce result" in bad.stderr
 
 
 def test_every_bench_script_imports():
