@@ -197,16 +197,26 @@ def _time_cell(result: dict) -> str:
     return cell
 
 
+# What `results_table` reads from a saved result.
+RESULT_KEYS = ("variant", "seed", "test", "wall_seconds", "train_loop_seconds")
+TEST_KEYS = ("acc", "acc_many", "acc_medium", "acc_few", "ece", "per_class_acc")
+
+
 def load_results(paths: list[str]) -> list[dict]:
     """Saved results (`result.json` of finished runs) for `--report`; one per (variant, seed)."""
     results, seen = [], {}
     for path in paths:
         try:
             result = json.loads(Path(path).read_text())
-            key = (result["variant"], result["seed"])
-            result["test"]["acc"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            sys.exit(f"error: {path}: not a saved reproduce result ({exc!r})")
+        except (OSError, ValueError) as exc:
+            sys.exit(f"error: {path}: not a saved reproduce result ({exc})")
+        fields = result if isinstance(result, dict) else {}
+        test = fields.get("test") if isinstance(fields.get("test"), dict) else {}
+        missing = [k for k in RESULT_KEYS if k not in fields]
+        missing += [f"test.{k}" for k in TEST_KEYS if k not in test]
+        if missing:
+            sys.exit(f"error: {path}: not a saved reproduce result (missing {', '.join(missing)})")
+        key = (result["variant"], result["seed"])
         if key[0] not in VARIANTS:
             sys.exit(f"error: {path}: unknown variant {key[0]!r}")
         if key in seen:

@@ -119,6 +119,7 @@ def test_report_tables_saved_results_over_seeds_and_refuses_bad_ones(tmp_path):
     broken.write_text('{"variant": "shike"}')
     bad = _report(files[0], str(broken))
     assert bad.returncode != 0 and f"error: {broken}: not a saved reproduce result" in bad.stderr
+    assert "missing seed, test," in bad.stderr
 
 
 def test_every_bench_script_imports():
