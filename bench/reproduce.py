@@ -17,8 +17,10 @@ train.cuda_graphs=true --set data.loader_workers=6`).
 run checkpoints into DIR/<variant>-seed<seed>/ every `train.checkpoint_every` epochs (default
 1), a relaunch with the same DIR and arguments continues each unfinished run from its last
 checkpoint, and a run that finished in an earlier call is reported from its saved result instead
-of being trained again. A DIR whose runs were trained with other settings (another config or
-`--set`) is refused: use another DIR.
+of being trained again. A DIR whose runs were trained under another recipe (another config or
+`--set` of a training setting) is refused, naming the settings: use another DIR. Execution
+settings (device, AMP, CUDA graphs, channels-last, loader workers, threads) may change between
+calls, so a run started on a GPU can continue on a CPU and the other way round.
 
 `--report RESULT.json ...` trains nothing: it makes the same table (with mean ± std over seeds)
 from saved results, e.g. the runs kept in bench/logs/ that different calls or sessions finished:
@@ -80,8 +82,8 @@ def run_dir(args: argparse.Namespace, variant: str, seed: int) -> Path | None:
     return Path(args.checkpoints) / f"{variant}-seed{seed}" if args.checkpoints else None
 
 
-def refuse_other_settings(args: argparse.Namespace) -> None:
-    """Exit if a run's folder under `--checkpoints` was trained with other settings: its saved
+def refuse_other_recipes(args: argparse.Namespace) -> None:
+    """Exit if a run's folder under `--checkpoints` was trained under another recipe: its saved
     result would be reported, or its checkpoint resumed, as this configuration's."""
     from pipeline.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 
@@ -91,7 +93,7 @@ def refuse_other_settings(args: argparse.Namespace) -> None:
             if not (directory and (directory / CHECKPOINT_FILE).is_file()):
                 continue
             try:
-                load_checkpoint(directory, run_config(args, variant, seed).config_hash())
+                load_checkpoint(directory, run_config(args, variant, seed).recipe())
             except CheckpointError as exc:
                 sys.exit(f"error: {variant} seed {seed}: {exc}; pass another --checkpoints folder")
 
@@ -310,7 +312,7 @@ def main() -> None:
         run_config(args, args.variants[0], args.seeds[0])
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
-    refuse_other_settings(args)
+    refuse_other_recipes(args)
     results, stopped = run_all(args)
     _print_or_record(args, results_table(args, results, stopped))
     if not results:

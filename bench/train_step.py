@@ -4,9 +4,10 @@
 
 Compares the CIFAR SHIKE model (3 experts, CE + DKT + MD) with the plain ResNet-32 baseline
 (cross-entropy), each through `TrainingSession.run_epoch` (forward, objective, backward, SGD
-step, loss bookkeeping). On CUDA it also compares the execution modes: eager float32, eager
-AMP (float16 + GradScaler) and the captured CUDA graph (float32). Reports the median of three
-timed passes of `--steps` steps after a warm-up pass (which also captures the graph).
+step, loss bookkeeping), in the default (NCHW) and the channels-last memory layout. On CUDA it
+also compares the execution modes: eager float32, eager AMP (float16 + GradScaler) and the
+captured CUDA graph (float32). Reports the median of three timed passes of `--steps` steps
+after a warm-up pass (which also captures the graph).
 """
 
 from __future__ import annotations
@@ -28,11 +29,20 @@ MODELS = {
     "SHIKE ResNet-32, 3 experts (CE+DKT+MD)": [],
     "plain ResNet-32 (CE)": ["model.arch=resnet32", "model.head=linear", "loss.stage1=ce"],
 }
+CHANNELS_LAST = ["train.channels_last=true"]
 MODES = {
     "eager float32": ["train.amp=false"],
+    "eager float32 channels-last": ["train.amp=false", *CHANNELS_LAST],
     "eager AMP float16": ["train.amp=true"],
+    "eager AMP float16 channels-last": ["train.amp=true", *CHANNELS_LAST],
     "CUDA graph float32": ["train.amp=false", "train.cuda_graphs=true"],
+    "CUDA graph float32 channels-last": [
+        "train.amp=false",
+        "train.cuda_graphs=true",
+        *CHANNELS_LAST,
+    ],
 }
+CPU_MODES = ("eager float32", "eager float32 channels-last")  # AMP and graphs need CUDA
 COUNTS = [5000 // (i + 1) for i in range(10)]
 
 
@@ -66,7 +76,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    modes = MODES if device.type == "cuda" else {"eager float32": ["train.amp=false"]}
+    modes = MODES if device.type == "cuda" else {m: MODES[m] for m in CPU_MODES}
     rows = [
         "| model | mode | median step (ms) | images/s | ratio to SHIKE eager float32 |",
         "|---|---|---|---|---|",

@@ -2,8 +2,9 @@
 
 A checkpoint is one `state.pt` file holding: model, optimizer, LR schedule position (epoch and
 stage; the schedule itself is a pure function of them), grad scaler, RNG states of torch /
-numpy / python, and the config hash. Loading uses `weights_only=True`: everything stored is a
-tensor or a plain Python container, so no pickled code is ever executed.
+numpy / python, the config hash, and the recipe (`Config.recipe`: every setting but where and
+how the run executes, which a resume must match). Loading uses `weights_only=True`: everything
+stored is a tensor or a plain Python container, so no pickled code is ever executed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_FILE = "state.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: resume checks the stored recipe settings, not the config hash
 
 
 class CheckpointError(RuntimeError):
@@ -76,9 +77,10 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path
 
 
 def load_checkpoint(
-    directory: str | os.PathLike, expected_config_hash: str | None = None
+    directory: str | os.PathLike, expected_recipe: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Load a checkpoint weights-only; refuse one written by a different config."""
+    """Load a checkpoint weights-only; refuse one trained under another recipe, naming the
+    settings that differ (execution settings such as device or AMP may differ)."""
     path = Path(directory) / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -88,9 +90,16 @@ def load_checkpoint(
         raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from None
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has unknown format {state.get('format_version')}")
-    if expected_config_hash is not None and state.get("config_hash") != expected_config_hash:
-        raise CheckpointError(
-            f"checkpoint {path} was written with config hash {state.get('config_hash')}, "
-            f"this run's config hash is {expected_config_hash}: refusing to resume a different config"
-        )
+    if expected_recipe is not None:
+        saved, unset = state.get("recipe", {}), "<unset>"
+        differ = []
+        for key in sorted(saved.keys() | expected_recipe.keys()):
+            there, here = saved.get(key, unset), expected_recipe.get(key, unset)
+            if there != here:
+                differ.append(f"{key}={there!r} there, {here!r} here")
+        if differ:
+            raise CheckpointError(
+                f"checkpoint {path} was trained under another recipe ({'; '.join(differ)}): "
+                "refusing to resume it"
+            )
     return state

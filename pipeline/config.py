@@ -17,6 +17,33 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Settings that decide how and where a run executes, not what it trains: a checkpoint resumes
+# under other values of these (another machine, device, precision, memory layout, loader,
+# storage or tracking server), while any other difference is refused (`Config.recipe`).
+EXECUTION_SETTINGS = frozenset(
+    {
+        "data.source",
+        "data.uri",
+        "data.loader_workers",
+        "train.device",
+        "train.amp",
+        "train.channels_last",
+        "train.cuda_graphs",
+        "train.threads",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "cluster.use_gpu",
+        "cluster.cpus_per_worker",
+        "cluster.storage_path",
+        "cluster.max_failures",
+        "cluster.num_to_keep",
+        "tracking.tracking_uri",
+        "tracking.experiment",
+        "tracking.model_name",
+        "tracking.register_model",
+    }
+)
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a one-line message naming the offending key."""
@@ -201,6 +228,11 @@ class Config(_Section):
         """Stable hash of every setting; stored in checkpoints to refuse a mismatched resume."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that decide what a run trains (all but EXECUTION_SETTINGS), dotted keys;
+        a checkpoint stores them and resumes only under the same recipe."""
+        return {k: v for k, v in self.flat().items() if k not in EXECUTION_SETTINGS}
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (`loss.dkt_weight`) for logging as params."""

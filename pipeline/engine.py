@@ -320,7 +320,8 @@ class TrainingSession:
     # -- checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {
-            "config_hash": self.cfg.config_hash(),
+            "config_hash": self.cfg.config_hash(),  # which exact config wrote it (MLflow tag)
+            "recipe": self.cfg.recipe(),  # what a resume must match
             "epoch": self.epoch,
             "stage": self.stage,
             "model": self.model.state_dict(),
@@ -341,9 +342,7 @@ class TrainingSession:
         return save_checkpoint(directory, self.state_dict())
 
     def restore(self, directory: str | Path) -> None:
-        self.load_state_dict(
-            load_checkpoint(directory, expected_config_hash=self.cfg.config_hash())
-        )
+        self.load_state_dict(load_checkpoint(directory, expected_recipe=self.cfg.recipe()))
 
 
 # ----------------------------------------------------------------------------- reporting

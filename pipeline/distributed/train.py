@@ -420,7 +420,7 @@ def load_trained_model(
     from pipeline.models import build_model
 
     with checkpoint.as_directory() as directory:
-        state = load_checkpoint(directory, expected_config_hash=cfg.config_hash())
+        state = load_checkpoint(directory, expected_recipe=cfg.recipe())
     model = build_model(cfg.model, num_classes)
     model.load_state_dict(state["model"])
     model.set_stage(int(state["stage"]))

@@ -73,8 +73,15 @@ def test_reproduce_runs_resume_and_are_not_trained_twice(tmp_path):
     other = _reproduce(tmp_path, "--set", "loss.dkt_weight=5")
     assert other.returncode != 0
     assert "error: shike seed 0:" in other.stderr and "refusing to resume" in other.stderr
-    assert str(shike_dir) in other.stderr and "started" not in other.stdout
+    assert "loss.dkt_weight=" in other.stderr and str(shike_dir) in other.stderr
+    assert "started" not in other.stdout
     assert json.loads((shike_dir / "result.json").read_text()) == result
+
+    # Execution settings may differ (a run started on a GPU continues on a CPU): the saved runs
+    # are still this recipe's.
+    moved = _reproduce(tmp_path, "--set", "train.channels_last=true", "--set", "train.amp=false")
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    assert moved.stdout.count("finished in an earlier call |") == 2
 
 
 def _saved_result(path: Path, variant: str, seed: int, acc: float) -> str:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import EXECUTION_SETTINGS, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -63,6 +63,19 @@ def test_config_hash_changes_with_any_value():
     assert a.config_hash() == load_config(None).config_hash()
     assert a.config_hash() != load_config(None, ["loss.tau=0.5"]).config_hash()
     assert a.flat()["loss.dkt_weight"] == 10.0
+
+
+def test_recipe_leaves_out_execution_settings_only():
+    """What a checkpoint must match on resume: every setting but where and how the run executes."""
+    cfg = load_config(None)
+    flat = cfg.flat()
+    assert flat.keys() >= EXECUTION_SETTINGS  # no stale or misspelt name in the list
+    assert cfg.recipe().keys() == flat.keys() - EXECUTION_SETTINGS
+    moved = load_config(
+        None, ["train.channels_last=true", "data.loader_workers=7", "train.amp=false"]
+    )
+    assert moved.recipe() == cfg.recipe() and moved.config_hash() != cfg.config_hash()
+    assert load_config(None, ["optim.lr=0.1"]).recipe()["optim.lr"] == 0.1
 
 
 def test_missing_config_file_is_clear(tmp_path):
