@@ -50,6 +50,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import plots
+from pipeline.config import EXECUTION_SETTINGS
 from pipeline.metrics import lt_groups
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 # Tag keys written by the pipeline.
 TAG_RUN_NAME = "shike.run_name"  # the stable key a relaunch finds its MLflow run by
 TAG_CONFIG_HASH = "shike.config_hash"
+TAG_EXECUTION_CHANGES = "shike.execution_changes"  # execution settings changed on resume
 TAG_MANIFEST_HASH = "shike.dataset_manifest_hash"
 TAG_SEED = "shike.seed"
 TAG_GIT_DIRTY = "shike.git_dirty"
@@ -424,24 +426,35 @@ class RunLogger:
         """Flattened config as params (`loss.dkt_weight`) plus `config.yaml`.
 
         MLflow params are immutable. On a resumed run, params already logged with the same
-        value are skipped; a different value is an error naming the key (a run name stands for
-        one config: change the run name to change the config).
+        value are skipped; a different value of a recipe setting is an error naming the key (a
+        run name stands for one recipe: change the run name to change it). Execution settings
+        (`EXECUTION_SETTINGS`: device, AMP, loader workers, ...) may change on resume, as the
+        checkpoint allows: their params keep the first launch's values, the tag
+        `shike.execution_changes` lists the latest launch's differing values and `config.yaml`
+        is the latest launch's config.
         """
         params: dict[str, str] = {}
         for key, value in cfg.flat().items():
             _check_key("param", key)
             params[key] = _check_value("param", key, str(value))
-        existing = self.client.get_run(self.run_id).data.params
+        run = self.client.get_run(self.run_id)
+        existing = run.data.params
         differing = [k for k, v in params.items() if k in existing and existing[k] != v]
-        if differing:
+        refused = [k for k in differing if k not in EXECUTION_SETTINGS]
+        if refused:
             shown = "; ".join(
-                f"{k}: logged {existing[k]!r}, now {params[k]!r}" for k in differing[:5]
+                f"{k}: logged {existing[k]!r}, now {params[k]!r}" for k in refused[:5]
             )
-            more = f" (+{len(differing) - 5} more)" if len(differing) > 5 else ""
+            more = f" (+{len(refused) - 5} more)" if len(refused) > 5 else ""
             raise TrackingError(
-                f"MLflow run {self.run_id} was logged with a different config ({shown}{more}); "
+                f"MLflow run {self.run_id} was logged with a different recipe ({shown}{more}); "
                 "params cannot change: relaunch with the original config or a new run name"
             )
+        if differing:
+            changes = "; ".join(f"{k}={params[k]} (logged {existing[k]})" for k in differing)
+            self.log_tags({TAG_EXECUTION_CHANGES: changes})
+        elif TAG_EXECUTION_CHANGES in run.data.tags:  # back to the logged values
+            self.client.delete_tag(self.run_id, TAG_EXECUTION_CHANGES)
         todo = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(todo), _MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=todo[i : i + _MAX_PARAMS_PER_BATCH])

@@ -142,13 +142,17 @@ def test_killed_worker_and_relaunched_driver_continue_one_run(ray_cluster, tiny_
     [first] = _runs(uri, name)
     assert 0 < len(_logged_steps(uri, name)) < 6, "the driver was stopped mid-run"
 
+    # Relaunched with another execution setting (workers' CPU share): same recipe, so the
+    # checkpoint and the MLflow run continue, and the run's tag records the change.
+    relaunch = [*cmd, "--set", "cluster.cpus_per_worker=0.4"]
     done = subprocess.run(
-        cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=400
+        relaunch, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=400
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resumed from checkpoint at epoch" in done.stdout + done.stderr
     [again] = _runs(uri, name)
     assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["shike.execution_changes"] == "cluster.cpus_per_worker=0.4 (logged 0.5)"
     assert _logged_steps(uri, name) == list(range(6))
 
 

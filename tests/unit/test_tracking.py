@@ -162,6 +162,22 @@ def test_log_config_relog_same_ok_and_differing_value_fails(store, cfg, tmp_path
         RunLogger(store, run_id).log_config(changed)
     assert client.get_run(run_id).data.params["loss.dkt_weight"] == "10.0"
 
+    # Execution settings may change on resume (as the checkpoint allows): the param keeps its
+    # first value, a tag says what changed, config.yaml is the latest launch's.
+    workers = cfg.data.loader_workers
+    moved = build_config(cfg.to_dict(), [f"data.loader_workers={workers + 3}"])
+    RunLogger(store, run_id).log_config(moved)
+    run = client.get_run(run_id)
+    assert run.data.params["data.loader_workers"] == str(workers)
+    assert run.data.tags[tracking.TAG_EXECUTION_CHANGES] == (
+        f"data.loader_workers={workers + 3} (logged {workers})"
+    )
+    (tmp_path / "moved").mkdir()
+    path = client.download_artifacts(run_id, "config.yaml", dst_path=str(tmp_path / "moved"))
+    assert yaml.safe_load(Path(path).read_text())["data"]["loader_workers"] == workers + 3
+    RunLogger(store, run_id).log_config(cfg)  # back to the logged values: no change to report
+    assert tracking.TAG_EXECUTION_CHANGES not in client.get_run(run_id).data.tags
+
 
 # ---- metrics ---------------------------------------------------------------------------------
 
