@@ -157,7 +157,8 @@ def test_channels_last_computes_the_same_step(arch):
     loose because on CPU the channels-last batch norm rounds about 10x more than the NCHW one
     (measured against float64: 8e-7 vs 5e-8 per layer), which 32 layers amplify to about 1e-4
     of the logits' scale and 2-3% of the gradient."""
-    extra = {} if arch == "shike" else {"model.arch": "resnet32", "model.head": "linear"}
+    plain = {"model.arch": "resnet32", "model.head": "linear", "loss.stage1": "ce"}
+    extra = {} if arch == "shike" else plain
     images, labels = next(iter(_batches(_cfg(), _split(4))(0)))
     outputs = []
     for channels_last in (False, True):
