@@ -18,6 +18,10 @@ from pathlib import Path
 
 from tests.helpers.s3_server import free_port
 
+# Per-test limit of tests that run whole Ray jobs (several driver launches each): up to 507 s on
+# the slowest 2-core machine measured (2026-12-01), so twice the suite's 600 s (pyproject.toml).
+RAY_JOB_TEST_TIMEOUT_S = 1200
+
 RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",

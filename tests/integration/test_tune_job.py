@@ -17,10 +17,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.helpers.processes import interrupt, start_driver
+from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S
 
-# Whole Ray jobs (several driver launches each): up to 507 s on the slowest 2-core machine
-# measured (2026-12-01), so they get twice the suite's 600 s per-test limit.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(RAY_JOB_TEST_TIMEOUT_S)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
