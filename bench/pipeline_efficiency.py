@@ -8,7 +8,9 @@ For each worker count, one `ray job submit` of jobs/train.py (SHIKE ResNet-32, g
 images, 5000 -> the full 12,406; stage 1 only) reports `train/images_per_s` per epoch (images /
 wall time of the epoch's training loop, data waits included); the median over epochs after the
 first is compared with the bare step (same model, batch 128, same total torch threads) measured
-in the same run. Also: seconds from `ray job submit` to the first batch reaching the training
+in the same run, beside the median `train/input_wait` (the share of the epoch the step waited
+for its next batch, largest over workers): what the ratio loses to waiting for data; the rest
+is a slower step. Also: seconds from `ray job submit` to the first batch reaching the training
 step. Part of the job's cost comes once per epoch, so the ratio grows with the epoch's size:
 compare `--head-images 500` with `--head-images 5000` (BENCHMARKS.md).
 """
@@ -30,6 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.record import record  # noqa: E402
 from bench.train_step import images_per_s  # noqa: E402
+
+
+def after_first_epoch(client, run_id: str, key: str) -> float:
+    """Median of a per-epoch metric over the epochs after the first (or the only one)."""
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    return statistics.median(m.value for m in history[1:] or history)
 
 
 def main() -> None:
@@ -124,33 +132,32 @@ def main() -> None:
                     [client.get_experiment_by_name("shike").experiment_id],
                     f"tags.`shike.run_name` = '{name}'",
                 )[0]
-                history = sorted(
-                    client.get_metric_history(run.info.run_id, "train/images_per_s"),
-                    key=lambda m: m.step,
-                )
-                job_rate = (
-                    statistics.median(m.value for m in history[1:])
-                    if len(history) > 1
-                    else history[0].value
-                )
                 results.append(
-                    (workers, job_rate, first - submitted, max(1, 2 // workers) * workers)
+                    (
+                        workers,
+                        after_first_epoch(client, run.info.run_id, "train/images_per_s"),
+                        after_first_epoch(client, run.info.run_id, "train/input_wait"),
+                        first - submitted,
+                        max(1, 2 // workers) * workers,
+                    )
                 )
 
     rows = [
-        "| workers | torch threads in all | job images/s | bare step images/s | ratio | submit -> first batch (s) |",
-        "|---|---|---|---|---|---|",
+        "| workers | torch threads in all | job images/s | bare step images/s | ratio | input wait | submit -> first batch (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for workers, job_rate, startup, threads in results:
+    for workers, job_rate, wait, startup, threads in results:
         torch.set_num_threads(threads)
         bare = images_per_s([], 128, 5, torch.device("cpu"))
         rows.append(
-            f"| {workers} | {threads} | {job_rate:.1f} | {bare:.1f} | {job_rate / bare:.2f} | {startup:.1f} |"
+            f"| {workers} | {threads} | {job_rate:.1f} | {bare:.1f} | {job_rate / bare:.2f} "
+            f"| {100 * wait:.0f}% | {startup:.1f} |"
         )
     table = (
         f"jobs/train.py via `ray job submit` to a local head node, shards from moto S3 on 127.0.0.1, "
         f"SHIKE ResNet-32, global batch 128, {args.epochs} epochs of {train_images:,} images; job images/s "
-        f"= median of epochs 2..{args.epochs}\n\n" + "\n".join(rows)
+        f"and input wait (share of the epoch spent waiting for batches) = medians of epochs "
+        f"2..{args.epochs}\n\n" + "\n".join(rows)
     )
     if args.no_record:
         print(table)

@@ -162,6 +162,28 @@ def train_one_epoch(
     return epoch_stats(sums, samples, steps, time.perf_counter() - start, lr)
 
 
+class InputWait:
+    """Iterates `batches` and adds up `seconds`, the wall time spent waiting for the next batch
+    (the loader's start-up and end included): time the training step sat idle for its input.
+    Its share of the epoch tells an input-bound epoch (near 1) from a compute-bound one (near 0).
+    On CUDA the host may wait while queued kernels still run, so there it is an upper bound."""
+
+    def __init__(self, batches: Batches) -> None:
+        self.batches = batches
+        self.seconds = 0.0
+
+    def __iter__(self):
+        start = time.perf_counter()
+        it = iter(self.batches)  # a DataLoader starts its workers here
+        while True:
+            batch = next(it, None)
+            self.seconds += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+            start = time.perf_counter()
+
+
 def epoch_stats(
     sums: dict[str, torch.Tensor], samples: int, steps: int, seconds: float, lr: float
 ) -> dict[str, float]:
@@ -273,6 +295,7 @@ class TrainingSession:
         torch.manual_seed(epoch_seed(self.cfg.train.seed, self.epoch))
         if callable(batches):
             batches = batches(self.epoch)
+        batches = InputWait(batches)
         lr = lr_at(self.epoch, self.cfg.optim)
         if self.cuda_graphs:
             if self._captured is None:
@@ -295,7 +318,11 @@ class TrainingSession:
                 amp=self.amp,
                 channels_last=self.cfg.train.channels_last,
             )
-        stats.update(epoch=self.epoch, stage=self.stage)
+        stats.update(
+            epoch=self.epoch,
+            stage=self.stage,
+            input_wait=batches.seconds / max(stats["seconds"], 1e-9),
+        )
         self.epoch += 1
         return stats
 
@@ -363,7 +390,10 @@ def format_epoch_line(
     )
     if val is not None:
         line += f" | val acc {100 * val['acc']:.2f}%"
-    return line + f" | {stats['images_per_s']:.0f} img/s | eta {format_duration(eta_s)}"
+    return line + (
+        f" | {stats['images_per_s']:.0f} img/s (input wait {100 * stats['input_wait']:.0f}%)"
+        f" | eta {format_duration(eta_s)}"
+    )
 
 
 def format_results(split: str, results: dict[str, Any]) -> str:

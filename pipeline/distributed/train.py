@@ -61,7 +61,8 @@ def _ddp_wrapper(device: torch.device):
 
 
 def _reduce_train_stats(stats: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Sample-weighted means over all workers; images/s of the whole group."""
+    """Sample-weighted means over all workers; images/s of the whole group; the largest input
+    wait (a worker short of data holds the others up at the gradient all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return stats
     n = stats["samples"]
@@ -69,13 +70,18 @@ def _reduce_train_stats(stats: dict[str, float], device: torch.device) -> dict[s
         [n, *(stats[k] * n for k in TRAIN_KEYS)], dtype=torch.float64, device=device
     )
     dist.all_reduce(sums)
-    slowest = torch.tensor([stats["seconds"]], dtype=torch.float64, device=device)
+    slowest = torch.tensor(
+        [stats["seconds"], stats["input_wait"]], dtype=torch.float64, device=device
+    )
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     total = float(sums[0])
     out = dict(stats)
     out.update({k: float(sums[i + 1]) / max(total, 1) for i, k in enumerate(TRAIN_KEYS)})
     out.update(
-        samples=total, seconds=float(slowest), images_per_s=total / max(float(slowest), 1e-9)
+        samples=total,
+        seconds=float(slowest[0]),
+        images_per_s=total / max(float(slowest[0]), 1e-9),
+        input_wait=float(slowest[1]),
     )
     return out
 
@@ -198,6 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 {
                     "train/lr": stats["lr"],
                     "train/images_per_s": stats["images_per_s"],
+                    "train/input_wait": stats["input_wait"],
                     "stage": stats["stage"],
                 }
             )

@@ -189,9 +189,9 @@ def test_submitted_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [0, 1, 2]
-    assert {"val/acc", "test/acc", "test/acc_few", "train/lr", "train/images_per_s"} <= set(
-        run.data.metrics
-    )
+    logged = run.data.metrics
+    assert {"val/acc", "test/acc", "test/acc_few", "train/lr", "train/images_per_s"} <= set(logged)
+    assert 0 <= logged["train/input_wait"] <= 1
     assert run.data.params["loss.dkt_weight"] == "10.0"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "test")}
     assert any(p.endswith(".png") for p in artifacts), artifacts

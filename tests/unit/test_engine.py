@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,12 @@ import torch
 from pipeline.config import load_config
 from pipeline.data.datasets import make_loader
 from pipeline.data.sources import RawSplit
-from pipeline.engine import NonFiniteLossError, TrainingSession, epoch_seed
+from pipeline.engine import (
+    NonFiniteLossError,
+    TrainingSession,
+    epoch_seed,
+    format_epoch_line,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -177,6 +183,26 @@ def test_channels_last_computes_the_same_step(arch):
     for a, b in ((s1_a, s1_b), (s2_a, s2_b)):
         assert (a - b).abs().max() <= 1e-3 * a.abs().max()
     assert (grad_a - grad_b).norm() <= 0.1 * grad_a.norm()
+
+
+def test_input_wait_is_the_share_of_the_epoch_spent_waiting_for_batches():
+    """A loader that takes 0.4 s per batch leaves the step waiting at least 0.8 s of a 2-batch
+    epoch; batches already in memory keep it waiting for next to nothing."""
+    cfg = _cfg()
+    session = TrainingSession(cfg, COUNTS, torch.device("cpu"))
+    in_memory = list(_batches(cfg, _split(4))(0))  # 40 images: 2 batches of 32 and 8
+
+    def slow_loader():
+        for batch in in_memory:
+            time.sleep(0.4)
+            yield batch
+
+    slow = session.run_epoch(slow_loader())
+    fast = session.run_epoch(in_memory)
+    assert slow["input_wait"] * slow["seconds"] >= 0.8
+    assert slow["input_wait"] <= 1.0
+    assert fast["input_wait"] < 0.05
+    assert "input wait" in format_epoch_line(fast, 3, None, 0.0)
 
 
 def test_nan_loss_stops_with_a_clear_error():
