@@ -12,7 +12,9 @@ configuration (by val/score at the end) is the one the full grid finds.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +44,7 @@ def main() -> None:
     from pipeline.distributed.tune import SchedulerSpec, SweepSpec, run_sweep
 
     work = Path(tempfile.mkdtemp(prefix="bench-asha-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # also on sys.exit
     data = str(work / "data")
     manifest = prepare_dataset(
         "cifar10", source, data, 100.0, n_max=args.head_images, val_per_class=20, test_per_class=20

@@ -16,7 +16,9 @@ Needs CIFAR10_DIR (the real CIFAR-10 Parquet copy). Everything is measured in on
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,6 +61,7 @@ def main() -> None:
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # also on sys.exit
     t0 = time.perf_counter()
     prepare_dataset("cifar10", source, str(work / "local"), 100.0)
     prepare_s = time.perf_counter() - t0

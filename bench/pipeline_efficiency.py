@@ -18,8 +18,10 @@ compare `--head-images 500` with `--head-images 5000` (BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,6 +62,7 @@ def main() -> None:
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipe-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # also on sys.exit
     os.environ.update(FAKE_CREDENTIALS)
     results = []
     with MotoServer() as server:
@@ -78,7 +81,9 @@ def main() -> None:
             s3=s3,
         )
         train_images = manifest.splits["train"].num_rows
-        with ray_head(Path(f"/tmp/rb{os.getpid() % 100000}"), num_cpus=4) as (_, dashboard, env):
+        ray_dir = Path(f"/tmp/rb{os.getpid() % 100000}")  # short: Ray's socket paths are capped
+        atexit.register(shutil.rmtree, ray_dir, ignore_errors=True)
+        with ray_head(ray_dir, num_cpus=4) as (_, dashboard, env):
             for workers in args.workers:
                 name = f"bench-{workers}w"
                 tracking = f"sqlite:///{work}/mlflow.db"
