@@ -165,12 +165,14 @@ def train_one_epoch(
 class InputWait:
     """Iterates `batches` and adds up `seconds`, the wall time spent waiting for the next batch
     (the loader's start-up and end included): time the training step sat idle for its input.
-    Its share of the epoch tells an input-bound epoch (near 1) from a compute-bound one (near 0).
+    Its share of the epoch tells an input-bound epoch (near 1) from a compute-bound one (near 0);
+    `first_seconds`, the wait for the first batch, is the part the loader's start-up costs.
     On CUDA the host may wait while queued kernels still run, so there it is an upper bound."""
 
     def __init__(self, batches: Batches) -> None:
         self.batches = batches
         self.seconds = 0.0
+        self.first_seconds: float | None = None
 
     def __iter__(self):
         start = time.perf_counter()
@@ -178,6 +180,8 @@ class InputWait:
         while True:
             batch = next(it, None)
             self.seconds += time.perf_counter() - start
+            if self.first_seconds is None:
+                self.first_seconds = self.seconds
             if batch is None:
                 return
             yield batch
@@ -322,6 +326,7 @@ class TrainingSession:
             epoch=self.epoch,
             stage=self.stage,
             input_wait=batches.seconds / max(stats["seconds"], 1e-9),
+            input_start_s=batches.first_seconds or 0.0,
         )
         self.epoch += 1
         return stats

@@ -62,7 +62,7 @@ def _ddp_wrapper(device: torch.device):
 
 def _reduce_train_stats(stats: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sample-weighted means over all workers; images/s of the whole group; the largest input
-    wait (a worker short of data holds the others up at the gradient all-reduce)."""
+    waits (a worker short of data holds the others up at the gradient all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return stats
     n = stats["samples"]
@@ -71,7 +71,9 @@ def _reduce_train_stats(stats: dict[str, float], device: torch.device) -> dict[s
     )
     dist.all_reduce(sums)
     slowest = torch.tensor(
-        [stats["seconds"], stats["input_wait"]], dtype=torch.float64, device=device
+        [stats["seconds"], stats["input_wait"], stats["input_start_s"]],
+        dtype=torch.float64,
+        device=device,
     )
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     total = float(sums[0])
@@ -82,6 +84,7 @@ def _reduce_train_stats(stats: dict[str, float], device: torch.device) -> dict[s
         seconds=float(slowest[0]),
         images_per_s=total / max(float(slowest[0]), 1e-9),
         input_wait=float(slowest[1]),
+        input_start_s=float(slowest[2]),
     )
     return out
 
@@ -205,6 +208,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "train/lr": stats["lr"],
                     "train/images_per_s": stats["images_per_s"],
                     "train/input_wait": stats["input_wait"],
+                    "train/input_start_s": stats["input_start_s"],
                     "stage": stats["stage"],
                 }
             )

@@ -191,7 +191,7 @@ def test_submitted_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset
     assert [m.step for m in history] == [0, 1, 2]
     logged = run.data.metrics
     assert {"val/acc", "test/acc", "test/acc_few", "train/lr", "train/images_per_s"} <= set(logged)
-    assert 0 <= logged["train/input_wait"] <= 1
+    assert 0 <= logged["train/input_wait"] <= 1 and logged["train/input_start_s"] >= 0
     assert run.data.params["loss.dkt_weight"] == "10.0"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "test")}
     assert any(p.endswith(".png") for p in artifacts), artifacts

@@ -200,6 +200,7 @@ def test_input_wait_is_the_share_of_the_epoch_spent_waiting_for_batches():
     slow = session.run_epoch(slow_loader())
     fast = session.run_epoch(in_memory)
     assert slow["input_wait"] * slow["seconds"] >= 0.8
+    assert 0.4 <= slow["input_start_s"] < slow["input_wait"] * slow["seconds"]
     assert slow["input_wait"] <= 1.0
     assert fast["input_wait"] < 0.05
     assert "input wait" in format_epoch_line(fast, 3, None, 0.0)
