@@ -12,6 +12,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
@@ -75,11 +76,15 @@ def load_prepared(uri: str, test_per_class: int | None = None) -> LongTailedData
             test.labels, test_per_class, num_classes=manifest.num_classes, allow_empty=True
         )
         test = test.take(keep)
+    train = load_split(manifest, "train")
+    # Canonical order (class, then source id), whatever order the shards store the rows in: the
+    # engine's epochs are then a function of the seed only, and equal to the in-memory builder's.
+    train = train.take(np.lexsort((train.sample_ids, train.labels)))
     return LongTailedData(
         name=manifest.dataset,
         class_names=list(manifest.class_names),
         class_counts=list(manifest.class_counts),
-        train=load_split(manifest, "train"),
+        train=train,
         val=load_split(manifest, "val"),
         test=test,
     )

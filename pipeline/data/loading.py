@@ -11,7 +11,14 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from pipeline.data.shards import Manifest, read_manifest, shard_files, verify_split
+from pipeline.data import DataError
+from pipeline.data.shards import (
+    TRAIN_ROW_ORDER,
+    Manifest,
+    read_manifest,
+    shard_files,
+    verify_split,
+)
 from pipeline.data.sources import decode_images
 from pipeline.data.storage import S3Options
 from pipeline.data.transforms import apply_to_batch, build_transform
@@ -78,6 +85,15 @@ def training_datasets(
     """Manifest + {"train", "val", "test"} datasets for a TorchTrainer."""
     quiet_progress()
     manifest = read_manifest(uri, s3)
+    if manifest.train_row_order != TRAIN_ROW_ORDER:
+        # The streaming shuffle mixes only ~1,000 neighbouring rows: class-ordered rows would
+        # give whole epochs of one-class batches.
+        raise DataError(
+            f"{uri}: the training rows of this dataset are stored class by class (prepared by an "
+            f"earlier version), which Ray Data's local shuffle cannot mix; run "
+            f"jobs/prepare_data.py again with the same arguments to rewrite them in "
+            f"{TRAIN_ROW_ORDER} order (the Ray-free engine reads either)"
+        )
     datasets = {"train": split_dataset(manifest, "train", augment=augment, train=True, seed=seed)}
     for split in ("val", "test"):
         if split in manifest.splits and manifest.splits[split].num_rows:

@@ -55,6 +55,12 @@ if TYPE_CHECKING:
     from pipeline.data.sources import RawDataset, RawSplit
 
 SCHEMA_VERSION = 1
+# Training rows are written in one seeded random order, not class by class: streaming readers
+# (Ray Data) shuffle only within a local buffer of about a thousand rows, which cannot mix a
+# split stored as 5,000 head-class rows followed by the next class's. Manifests written before
+# this have no "train_row_order" and read as "class".
+TRAIN_ROW_ORDER = "shuffled"
+TRAIN_ROW_ORDER_SEED = 0
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 DEFAULT_SHARD_MB = 64.0
@@ -143,6 +149,7 @@ class Manifest:
     source: dict[str, str]  # path, format, checksum
     image_shape: list[int]  # [H, W, 3]
     coarse_class_names: list[str] | None = None
+    train_row_order: str = "class"  # how the training rows are ordered in the shards
     schema_version: int = SCHEMA_VERSION
     uri: str = ""
     filesystem: Any = field(default=None, repr=False, compare=False)
@@ -189,6 +196,7 @@ class Manifest:
             if self.coarse_class_names is None
             else list(self.coarse_class_names),
             "class_counts": [int(c) for c in self.class_counts],
+            "train_row_order": {"order": self.train_row_order, "seed": TRAIN_ROW_ORDER_SEED},
             "class_groups": {k: [int(c) for c in v] for k, v in self.groups.items()},
             "class_group_thresholds": {"many": "> 100", "medium": "20..100", "few": "< 20"},
             "image": {
@@ -274,6 +282,7 @@ class Manifest:
                 coarse_class_names=None
                 if d.get("coarse_class_names") is None
                 else [str(x) for x in d["coarse_class_names"]],
+                train_row_order=str(d.get("train_row_order", {"order": "class"})["order"]),
                 schema_version=int(version),
             )
         except IntegrityError:
@@ -443,8 +452,13 @@ def write_dataset(
     target = max(1, int(shard_mb * 1e6))
     from pipeline.data.longtail import class_counts_of
 
+    order = np.random.default_rng(TRAIN_ROW_ORDER_SEED).permutation(len(splits.train.labels))
     infos = {}
-    for name, split in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+    for name, split in (
+        ("train", splits.train.take(order)),
+        ("val", splits.val),
+        ("test", splits.test),
+    ):
         shards = _write_split(fs, root, name, split, with_coarse, target, log)
         infos[name] = SplitInfo(
             len(split.labels), class_counts_of(split.labels, raw.num_classes), shards
@@ -465,6 +479,7 @@ def write_dataset(
         source={"path": raw.source, "format": raw.source_format, "checksum": raw.checksum},
         image_shape=shape,
         coarse_class_names=raw.coarse_class_names if with_coarse else None,
+        train_row_order=TRAIN_ROW_ORDER,
         uri=str(output),
         filesystem=fs,
         root=root,

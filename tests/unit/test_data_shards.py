@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import DataError, IntegrityError, SourceFormatError, StorageError
+from pipeline.data.datasets import load_prepared
 from pipeline.data.longtail import (
     build_longtail_splits,
     class_counts_of,
@@ -24,6 +25,7 @@ from pipeline.data.longtail import (
 )
 from pipeline.data.shards import (
     MANIFEST_NAME,
+    TRAIN_ROW_ORDER_SEED,
     load_split,
     prepare_dataset,
     prepare_from_raw,
@@ -91,6 +93,7 @@ def test_cifar100_prepare_round_trip(cifar100_raw, cifar100_archive, tmp_path):
     assert m2.selection == "first" and m2.selection_seed == 0 and m2.imbalance_factor == 100.0
     train = load_split(m2, "train")
     idx = select_longtail(cifar100_raw.train.labels, m2.class_counts)
+    idx = idx[np.random.default_rng(TRAIN_ROW_ORDER_SEED).permutation(len(idx))]  # stored order
     assert np.array_equal(train.images, cifar100_raw.train.images[idx])
     assert np.array_equal(train.labels, cifar100_raw.train.labels[idx])
     assert np.array_equal(train.coarse_labels, cifar100_raw.train.coarse_labels[idx])
@@ -127,7 +130,7 @@ def test_real_cifar10_prepared_if100(cifar10_raw, cifar10_if100):
                 p.stat().st_size == s.bytes
                 and hashlib.sha256(p.read_bytes()).hexdigest() == s.sha256
             )
-    train = load_split(str(out), "train")
+    train = load_prepared(str(out)).train  # the engine's (class, source id) order
     idx = select_longtail(cifar10_raw.train.labels, m.class_counts)
     assert np.array_equal(train.images, cifar10_raw.train.images[idx])  # bit for bit
     assert list(train.sample_ids[:2]) == ["train/00000", "train/00001"]
@@ -174,6 +177,44 @@ def test_same_inputs_same_bytes_and_rerun_is_a_noop(small, tmp_path):
         line for line in lines if line.startswith(("wrote", "published")) or " wrote " in line
     ]
     assert any("manifest unchanged" in line for line in lines)
+
+
+def test_training_rows_are_stored_shuffled_and_the_engine_restores_class_order(small, tmp_path):
+    """Ray Data shuffles within a local buffer of ~1,000 rows only, so shards that held the
+    training split class by class gave whole stretches of one-class batches. The shards now
+    hold one seeded random order; the Ray-free reader puts the rows back in (class, source id)
+    order, so its epochs do not depend on how the shards are laid out."""
+    out = tmp_path / "out"
+    manifest = prepare_dataset("cifar10", str(small.path), str(out), 10, val_per_class=5)
+    assert manifest.train_row_order == read_manifest(str(out)).train_row_order == "shuffled"
+    stored = read_split_table(manifest, "train")
+    labels = stored.column("label").to_numpy()
+    assert len(set(labels[:40].tolist())) >= 6  # class by class, 40 rows hold one class
+
+    train = load_prepared(str(out)).train
+    assert sorted(train.sample_ids.tolist()) == sorted(stored.column("sample_id").to_pylist())
+    order = list(zip(train.labels.tolist(), train.sample_ids.tolist(), strict=True))
+    assert order == sorted(order)
+    again = tmp_path / "again"  # a rerun writes the same order
+    prepare_dataset("cifar10", str(small.path), str(again), 10, val_per_class=5)
+    assert _files(again) == _files(out)
+
+
+def test_ray_reader_refuses_class_ordered_training_rows(small, tmp_path):
+    """A dataset prepared before the shuffled row order has no "train_row_order": the engine
+    still reads it, the Ray reader says to prepare it again."""
+    from pipeline.data.loading import training_datasets
+
+    out = tmp_path / "out"
+    prepare_dataset("cifar10", str(small.path), str(out), 10, val_per_class=5)
+    path = out / MANIFEST_NAME
+    doc = json.loads(path.read_text())
+    del doc["train_row_order"]
+    path.write_text(json.dumps(doc))
+    assert read_manifest(str(out)).train_row_order == "class"
+    assert len(load_prepared(str(out)).train.labels) == sum(doc["class_counts"])
+    with pytest.raises(DataError, match=r"class by class.*jobs/prepare_data.py again"):
+        training_datasets(str(out), "shike", 0)
 
 
 def test_new_version_replaces_old_shards(small, tmp_path):
