@@ -196,7 +196,9 @@ class Manifest:
             if self.coarse_class_names is None
             else list(self.coarse_class_names),
             "class_counts": [int(c) for c in self.class_counts],
-            "train_row_order": {"order": self.train_row_order, "seed": TRAIN_ROW_ORDER_SEED},
+            "train_row_order": {"order": self.train_row_order, "seed": TRAIN_ROW_ORDER_SEED}
+            if self.train_row_order == TRAIN_ROW_ORDER
+            else {"order": self.train_row_order},
             "class_groups": {k: [int(c) for c in v] for k, v in self.groups.items()},
             "class_group_thresholds": {"many": "> 100", "medium": "20..100", "few": "< 20"},
             "image": {

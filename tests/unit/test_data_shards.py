@@ -211,7 +211,7 @@ def test_ray_reader_refuses_class_ordered_training_rows(small, tmp_path):
     doc = json.loads(path.read_text())
     del doc["train_row_order"]
     path.write_text(json.dumps(doc))
-    assert read_manifest(str(out)).train_row_order == "class"
+    assert read_manifest(str(out)).to_dict()["train_row_order"] == {"order": "class"}
     assert len(load_prepared(str(out)).train.labels) == sum(doc["class_counts"])
     with pytest.raises(DataError, match=r"class by class.*jobs/prepare_data.py again"):
         training_datasets(str(out), "shike", 0)
