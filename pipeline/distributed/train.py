@@ -70,21 +70,21 @@ def _reduce_train_stats(stats: dict[str, float], device: torch.device) -> dict[s
         [n, *(stats[k] * n for k in TRAIN_KEYS)], dtype=torch.float64, device=device
     )
     dist.all_reduce(sums)
-    slowest = torch.tensor(
+    largest = torch.tensor(
         [stats["seconds"], stats["input_wait"], stats["input_start_s"]],
         dtype=torch.float64,
         device=device,
     )
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     total = float(sums[0])
     out = dict(stats)
     out.update({k: float(sums[i + 1]) / max(total, 1) for i, k in enumerate(TRAIN_KEYS)})
     out.update(
         samples=total,
-        seconds=float(slowest[0]),
-        images_per_s=total / max(float(slowest[0]), 1e-9),
-        input_wait=float(slowest[1]),
-        input_start_s=float(slowest[2]),
+        seconds=float(largest[0]),
+        images_per_s=total / max(float(largest[0]), 1e-9),
+        input_wait=float(largest[1]),
+        input_start_s=float(largest[2]),
     )
     return out
 
