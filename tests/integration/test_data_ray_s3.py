@@ -116,3 +116,28 @@ def test_training_split_reshuffles_its_shards_every_epoch(ray_cluster, tmp_path)
     assert sorted(train[0]) == sorted(train[1]) and len(train[0]) == 200
     assert train[0] != train[1], "the training split must be read in a new order each epoch"
     assert test[0] == test[1]
+
+
+def test_training_split_of_one_shard_streams_in_several_blocks(ray_cluster, tmp_path):
+    """A split stored as one shard must still reach the trainer a few hundred rows at a time:
+    Ray 2.60's default (V2) Parquet reader read such a shard as a single block, so the epoch's
+    whole augmentation ran in one task and the first batch waited for all of it. The reader
+    choice stays inside our datasets: the caller's DataContext is left as it was."""
+    from ray.data import DataContext
+
+    from pipeline.data.loading import split_dataset
+    from pipeline.data.shards import prepare_dataset, read_manifest
+
+    write_parquet_folder(tmp_path / "raw", train_per_class=300, test_per_class=1)
+    uri = str(tmp_path / "one-shard")
+    prepare_dataset("cifar10", str(tmp_path / "raw"), uri, 1.0, val_per_class=0)
+    manifest = read_manifest(uri)
+    assert len(manifest.splits["train"].shards) == 1 and manifest.splits["train"].num_rows == 3000
+
+    context = DataContext.get_current()
+    reader_before = context.use_datasource_v2
+    dataset = split_dataset(manifest, "train", train=True, seed=0)
+    assert context.use_datasource_v2 == reader_before
+    blocks = [bundle.num_rows() for bundle in dataset.iter_internal_ref_bundles()]
+    assert sum(blocks) == 3000
+    assert len(blocks) >= 3, f"one shard arrived in {len(blocks)} block(s) of {blocks} rows"
