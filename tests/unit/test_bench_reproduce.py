@@ -32,7 +32,7 @@ TINY = [
 def _reproduce(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "bench" / "reproduce.py"), "--config", "configs/smoke.yaml"]
     cmd += ["--data", str(tmp_path / "raw"), "--variants", "shike", "ce", "--no-record"]
-    cmd += ["--checkpoints", str(tmp_path / "ckpt"), *extra]
+    cmd += ["--checkpoints", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs"), *extra]
     for override in TINY:
         cmd += ["--set", override]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
