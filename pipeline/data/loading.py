@@ -50,12 +50,12 @@ def _parquet_reader_v1() -> Iterator[None]:
 
     Each Dataset keeps the DataContext current at its creation, so the setting stays with the
     datasets made here and the caller's own context is restored. Why V1: the V2 reader (Ray
-    2.60's default) stalls 1.5-4.4 s in its ListFiles task on every execution, i.e. every
-    epoch, and reads a split's file as one block, which `map_batches` then augments in one
-    task that emits its output only at the end: on CIFAR-10-LT IF100 (one 27 MB train shard,
-    2 cores) the first training batch of each epoch came 7-18 s after the epoch began,
-    against 1-2 s with V1, which streams the file in batches (BENCHMARKS.md, pipeline
-    efficiency).
+    2.60's default) reads a shard as one block, which `map_batches` then augments in one task
+    that emits its output only at the end, and every execution (every epoch) waits for it;
+    its file listing also stalls for seconds per execution. V1 hands the shard on in blocks
+    of a few hundred rows. On CIFAR-10-LT IF100 (one 27 MB training shard, 2 cores) the
+    training step waited 32.9 s for each epoch's first batch with V2, 4.1 s with V1
+    (BENCHMARKS.md, pipeline efficiency).
     """
     ctx = ray.data.DataContext.get_current()
     before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
