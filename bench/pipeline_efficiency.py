@@ -12,8 +12,9 @@ in the same run, beside the median `train/input_wait` (the share of the epoch th
 for its next batch, largest over workers): what the ratio loses to waiting for data; the rest
 is a slower step. `train/input_start_s` is the part of that wait spent on the epoch's first
 batch (Ray Data starting a new execution of the split each epoch). Also: seconds from
-`ray job submit` to the first batch reaching the training step. Part of the job's cost comes once per epoch, so the ratio grows with the epoch's size:
-compare `--head-images 500` with `--head-images 5000` (BENCHMARKS.md).
+`ray job submit` to the first batch reaching the training step. Part of the job's cost comes
+once per epoch, so the ratio grows with the epoch's size: compare `--head-images 500` with
+`--head-images 5000` (BENCHMARKS.md).
 """
 
 from __future__ import annotations
