@@ -2,13 +2,15 @@
 
 Reads the shards a manifest vouches for (verified first: sha256, rows, schema) with an explicit
 pyarrow filesystem and column projection, decodes PNGs and applies the SHIKE.md §3.1 transforms
-in `map_batches` (the same `build_transform` the Ray-free reader uses), and shuffles files per
+in `map_batches` (the same `build_transform` the Ray-free reader uses; each image's random
+transform seeded from the run's seed, the epoch and its sample id), and shuffles files per
 epoch plus a seeded local buffer in the consumer. Ray is imported here and in distributed/ only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -26,20 +28,51 @@ from pipeline.data.sources import decode_images
 from pipeline.data.storage import S3Options
 from pipeline.data.transforms import apply_to_batch, build_transform
 
-COLUMNS = ["image", "label"]
+COLUMNS = ["image", "label", "sample_id"]  # the id keys each image's augmentation seed
+
+
+def augmentation_seeds(seed: int, epoch: int, sample_ids: Iterable[object]) -> list[int]:
+    """One RNG seed per image from (run seed, epoch, sample id) alone, so the augmentation an
+    image gets does not depend on which block, task or process transforms it."""
+    return [
+        int.from_bytes(
+            hashlib.blake2b(f"{seed}/{epoch}/{sample_id}".encode(), digest_size=8).digest(),
+            "little",
+        )
+        for sample_id in sample_ids
+    ]
+
+
+def _execution_index() -> int:
+    """How many executions (epochs) of this dataset finished before the running one.
+
+    Read inside a Ray Data task from the DataContext that Ray hands to every task; Ray's own
+    seeded `random()` expression and `FileShuffleConfig(reseed_after_execution=True)` key on
+    the same counter. It counts from the start of the driver, so a run resumed from a
+    checkpoint draws its epochs' seeds afresh from 0: still a function of (seed, resume epoch).
+    """
+    return ray.data.DataContext.get_current()._execution_idx
 
 
 def decode_and_transform(
-    batch: dict[str, np.ndarray], augment: str, train: bool
+    batch: dict[str, np.ndarray],
+    augment: str,
+    train: bool,
+    seed: int | None = None,
+    with_ids: bool = False,
 ) -> dict[str, np.ndarray]:
-    """PNG bytes -> normalised float NCHW batch; the train transform is random per image."""
+    """PNG bytes -> normalised float NCHW batch. The train transform is random per image:
+    seeded per image and epoch with `seed` (see `augmentation_seeds`), unseeded without."""
     images = decode_images(list(batch["image"]), "shard rows")
     transform = build_transform(augment, train=train)
+    seeds = None
+    if train and seed is not None:
+        seeds = augmentation_seeds(seed, _execution_index(), batch["sample_id"])
     out = {
-        "image": apply_to_batch(transform, images).numpy(),
+        "image": apply_to_batch(transform, images, seeds).numpy(),
         "label": batch["label"].astype(np.int64),
     }
-    if "sample_id" in batch:
+    if with_ids:
         out["sample_id"] = batch["sample_id"]
     return out
 
@@ -79,19 +112,20 @@ def split_dataset(
     """A Ray Dataset of one split: rows {"image": float32 (3,H,W), "label": int64} (plus the
     source's "sample_id" with `with_ids`).
 
-    Training splits reshuffle the shard order on every execution (each epoch) from `seed`.
+    Training splits reshuffle the shard order on every execution (each epoch) and augment each
+    image from `seed` (None: unseeded). With the output order pinned (`preserve_order`), an
+    epoch's rows and pixels are then a function of (seed, epoch) alone.
     """
     if verify:
         verify_split(manifest, split)
     fs, paths = shard_files(manifest, split)
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
-    columns = [*COLUMNS, "sample_id"] if with_ids else COLUMNS
     with _parquet_reader_v1():
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
-    ds = ds.select_columns(columns)
+    ds = ds.select_columns(COLUMNS)
     return ds.map_batches(
         decode_and_transform,
-        fn_kwargs={"augment": augment, "train": train},
+        fn_kwargs={"augment": augment, "train": train, "seed": seed, "with_ids": with_ids},
         batch_size=batch_size,
         batch_format="numpy",
     )

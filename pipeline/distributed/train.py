@@ -21,6 +21,7 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import Tensor, nn
@@ -316,8 +317,23 @@ def build_trainer(
         datasets=datasets,
         # Only the training split is sharded across workers; rank 0 evaluates val/test whole,
         # so the logged metrics are exact (an equal split would drop up to world-1 rows).
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(
+            datasets_to_split=["train"], execution_options={"train": ordered_ingest_options()}
+        ),
     )
+
+
+def ordered_ingest_options() -> ExecutionOptions:
+    """Ray Train's default ingest options with the output order pinned (`preserve_order`).
+
+    Unpinned, Ray Data hands blocks on in the order their tasks finish, so the same seed would
+    feed a worker a different sequence of rows each run; pinned, a one-worker run's batches are
+    a function of its seed (with several workers, which rank gets which block still depends on
+    timing: Ray's streaming split hands blocks to whichever worker asks first).
+    """
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def open_tracked_run(

@@ -141,3 +141,36 @@ def test_training_split_of_one_shard_streams_in_several_blocks(ray_cluster, tmp_
     blocks = [bundle.num_rows() for bundle in dataset.iter_internal_ref_bundles()]
     assert sum(blocks) == 3000
     assert len(blocks) >= 3, f"one shard arrived in {len(blocks)} block(s) of {blocks} rows"
+
+
+def test_training_augmentation_is_a_function_of_seed_epoch_and_image(ray_cluster, tmp_path):
+    """Ray Data tasks augment each image from (run seed, epoch, sample id): two datasets of one
+    seed give every image the same pixels in the same epoch, however the rows are cut into
+    batches for the tasks; the next epoch and another seed give new ones."""
+    from pipeline.data.loading import split_dataset
+    from pipeline.data.shards import prepare_dataset, read_manifest
+
+    write_parquet_folder(tmp_path / "raw", train_per_class=10, test_per_class=1)
+    uri = str(tmp_path / "tiny")
+    prepare_dataset("cifar10", str(tmp_path / "raw"), uri, 1.0, val_per_class=0)
+    manifest = read_manifest(uri)
+
+    def epochs(seed: int, task_batch: int) -> list[dict[str, bytes]]:
+        ds = split_dataset(
+            manifest, "train", train=True, seed=seed, batch_size=task_batch, with_ids=True
+        )
+        return [
+            {
+                str(i): image.tobytes()
+                for b in ds.iter_batches(batch_format="numpy")
+                for i, image in zip(b["sample_id"], b["image"], strict=True)
+            }
+            for _ in range(2)
+        ]
+
+    run, rerun, other_seed = epochs(0, 256), epochs(0, 7), epochs(1, 256)
+    assert len(run[0]) == len(run[1]) == 100
+    assert rerun == run, "the same seed must give each image the same augmentation per epoch"
+    for a, b in [(run[0], run[1]), (run[0], other_seed[0])]:
+        changed = sum(a[i] != b[i] for i in a)
+        assert changed > 90, f"only {changed} of 100 images changed with the epoch or the seed"
