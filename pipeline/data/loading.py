@@ -48,8 +48,9 @@ def _execution_index() -> int:
 
     Read inside a Ray Data task from the DataContext that Ray hands to every task; Ray's own
     seeded `random()` expression and `FileShuffleConfig(reseed_after_execution=True)` key on
-    the same counter. It counts from the start of the driver, so a run resumed from a
-    checkpoint draws its epochs' seeds afresh from 0: still a function of (seed, resume epoch).
+    the same counter. It counts from the dataset's creation (Ray Train works on a copy made at
+    each start of its worker group), so a run resumed or restarted from a checkpoint draws its
+    epochs' seeds afresh from 0: still a function of (seed, restart epoch).
     """
     return ray.data.DataContext.get_current()._execution_idx
 
