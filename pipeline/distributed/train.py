@@ -318,12 +318,12 @@ def build_trainer(
         # Only the training split is sharded across workers; rank 0 evaluates val/test whole,
         # so the logged metrics are exact (an equal split would drop up to world-1 rows).
         dataset_config=DataConfig(
-            datasets_to_split=["train"], execution_options={"train": ordered_ingest_options()}
+            datasets_to_split=["train"], execution_options={"train": _ordered_ingest_options()}
         ),
     )
 
 
-def ordered_ingest_options() -> ExecutionOptions:
+def _ordered_ingest_options() -> ExecutionOptions:
     """Ray Train's default ingest options with the output order pinned (`preserve_order`).
 
     Unpinned, Ray Data hands blocks on in the order their tasks finish, so the same seed would
