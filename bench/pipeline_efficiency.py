@@ -131,9 +131,10 @@ def main() -> None:
                     time.sleep(2)
                 if proc.returncode != 0:
                     sys.exit(f"job failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-                first = float(
-                    re.search(r"first training batch at unix time ([0-9.]+)", proc.stdout).group(1)
+                announced = re.search(
+                    r"first training batch at unix time ([0-9.]+)", proc.stdout + proc.stderr
                 )
+                first = float(announced.group(1))
                 client = MlflowClient(tracking)
                 run = client.search_runs(
                     [client.get_experiment_by_name("shike").experiment_id],

@@ -10,6 +10,7 @@ driver owns the MLflow run (one per run name) and registers the model when train
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -39,6 +40,11 @@ from pipeline.engine import (
     format_results,
 )
 from pipeline.metrics import EvalCounts
+
+# The worker loop logs instead of printing: Ray Train V2 routes a worker's print() both to its
+# logger and, because Ray wraps the worker's stdout, to that stdout too, so every line reached
+# the driver twice. Its root logger (INFO, console + the run's app log file) shows each once.
+log = logging.getLogger(__name__)
 
 TRAIN_KEYS = ("loss", "loss_ce", "loss_dkt", "loss_md")
 LOCAL_SHUFFLE_BUFFER = 1024
@@ -96,10 +102,10 @@ def _torch_batches(iterator, batch_size: int, **kwargs):
 
 
 def _announce_first(batches):
-    """Print when the first batch reaches the training step (start-up latency, bench/)."""
+    """Log when the first batch reaches the training step (start-up latency, bench/)."""
     for i, batch in enumerate(batches):
         if i == 0:
-            print(f"[shike] first training batch at unix time {time.time():.3f}", flush=True)
+            log.info("[shike] first training batch at unix time %.3f", time.time())
         yield batch
 
 
@@ -174,7 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             session.restore(directory)
         if rank == 0:
-            print(f"[shike] resumed from checkpoint at epoch {session.epoch}", flush=True)
+            log.info("[shike] resumed from checkpoint at epoch %d", session.epoch)
 
     logger = (
         tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
@@ -236,11 +242,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             test, test_counts, _ = _evaluate_split(session, EvalBatches.of_split("test"))
             metrics.update(_namespaced("test", test))
             logger.log_evaluation("test", test, class_counts, class_names, counts=test_counts)
-            print("[shike] " + format_results("test", test), flush=True)
+            log.info("[shike] %s", format_results("test", test))
         if rank == 0 and ran_epoch:
             done = session.epoch - first_epoch
             eta = (time.perf_counter() - started) / done * (epochs - session.epoch)
-            print("[shike] " + format_epoch_line(stats, epochs, val, eta), flush=True)
+            log.info("[shike] %s", format_epoch_line(stats, epochs, val, eta))
             per_epoch = {k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}
             logger.log_metrics(per_epoch, step=session.epoch - 1)
         if final or (ran_epoch and session.epoch % cfg.train.checkpoint_every == 0):
@@ -253,10 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         if final:
             if rank == 0:
-                print(
-                    f"[shike] wall time {format_duration(time.perf_counter() - started)}",
-                    flush=True,
-                )
+                log.info("[shike] wall time %s", format_duration(time.perf_counter() - started))
             return
 
 

@@ -7,6 +7,7 @@ test uses its own run name, checkpoint storage and MLflow store.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -150,7 +151,14 @@ def test_killed_worker_and_relaunched_driver_continue_one_run(ray_cluster, tiny_
         relaunch, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=400
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "resumed from checkpoint at epoch" in done.stdout + done.stderr
+    # Each line the rank-0 worker logs reaches the driver once: the resume, then epochs
+    # resume+1 ... 6 (Ray Train's print patch echoed a worker's print() twice).
+    output = done.stdout + done.stderr
+    [resumed_line] = [ln for ln in output.splitlines() if "resumed from checkpoint at epoch" in ln]
+    resumed_at = int(resumed_line.rsplit(" ", 1)[1])
+    epochs = [int(e) for e in re.findall(r"epoch +(\d+)/6 stage", output)]
+    assert epochs == list(range(resumed_at + 1, 7)), output[-3000:]
+    assert output.count("test: top-1") == 1, output[-3000:]
     [again] = _runs(uri, name)
     assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["shike.execution_changes"] == "cluster.cpus_per_worker=0.4 (logged 0.5)"
