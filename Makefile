@@ -41,7 +41,7 @@ lint: install
 	$(BIN)/ruff format --check pipeline jobs tests bench
 
 # The CPU benchmarks of BENCHMARKS.md (each appends its table there); bench-asha is the
-# 8-trial sweep comparison (about 14 minutes on 2 cores).
+# 8-trial sweep comparison (622 s on 2 cores; make bench 384 s: BENCHMARKS.md, "Reading the figures").
 bench: install
 	$(BIN)/python bench/train_step.py --steps 10
 	$(BIN)/python bench/loader_speed.py --data $(CIFAR10_DIR) --workers 2
