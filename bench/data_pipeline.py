@@ -54,8 +54,8 @@ def main() -> None:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.data.datasets import load_prepared, make_loader
-    from pipeline.data.loading import quiet_progress, split_dataset
+    from pipeline.data.torch_reader import load_prepared, make_loader
+    from pipeline.data.ray_reader import quiet_progress, split_dataset
     from pipeline.data.shards import prepare_dataset, read_manifest
     from pipeline.data.storage import S3Options, create_bucket
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer

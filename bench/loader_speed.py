@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.record import record  # noqa: E402
 from bench.reproduce import data_override  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data.datasets import load_longtailed, make_loader  # noqa: E402
+from pipeline.data.torch_reader import load_longtailed, make_loader  # noqa: E402
 
 
 def loader_images_per_s(split, cfg_data, workers: int, epochs: int, batch: int) -> float:

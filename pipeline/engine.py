@@ -31,7 +31,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import Config, ConfigError, OptimConfig, add_override_argument, load_config
 from pipeline.data import DataError
-from pipeline.graphs import CapturedTrainStep
+from pipeline.cuda_graph_step import CapturedTrainStep
 from pipeline.losses import build_objective
 from pipeline.metrics import EvalCounts
 from pipeline.models import build_model
@@ -418,7 +418,7 @@ def format_results(split: str, results: dict[str, Any]) -> str:
 
 def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Train `cfg` start to finish (resuming from `checkpoint_dir` when it holds a checkpoint)."""
-    from pipeline.data.datasets import load_longtailed, make_loader
+    from pipeline.data.torch_reader import load_longtailed, make_loader
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from pipeline import tracking
 from pipeline.config import Config
-from pipeline.data.loading import quiet_progress
+from pipeline.data.ray_reader import quiet_progress
 from pipeline.data.storage import is_s3, resolve
 from pipeline.engine import (
     NonFiniteLossError,
@@ -350,7 +350,7 @@ def open_tracked_run(
 ):
     """Datasets from the manifest, the run's MLflow run (created or resumed by run name, config
     and manifest logged) and the per-worker loop config: (manifest, datasets, logger, loop_config)."""
-    from pipeline.data.loading import training_datasets
+    from pipeline.data.ray_reader import training_datasets
 
     manifest, datasets = training_datasets(cfg.data.uri, cfg.data.augment, cfg.train.seed)
     for split in set(datasets) - {"train", *eval_splits}:

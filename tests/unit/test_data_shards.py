@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import DataError, IntegrityError, SourceFormatError, StorageError
-from pipeline.data.datasets import load_prepared
+from pipeline.data.torch_reader import load_prepared
 from pipeline.data.longtail import (
     build_longtail_splits,
     class_counts_of,
@@ -203,7 +203,7 @@ def test_training_rows_are_stored_shuffled_and_the_engine_restores_class_order(s
 def test_ray_reader_refuses_class_ordered_training_rows(small, tmp_path):
     """A dataset prepared before the shuffled row order has no "train_row_order": the engine
     still reads it, the Ray reader says to prepare it again."""
-    from pipeline.data.loading import training_datasets
+    from pipeline.data.ray_reader import training_datasets
 
     out = tmp_path / "out"
     prepare_dataset("cifar10", str(small.path), str(out), 10, val_per_class=5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.datasets import make_loader
+from pipeline.data.torch_reader import make_loader
 from pipeline.data.sources import RawSplit
 from pipeline.engine import (
     NonFiniteLossError,

@@ -8,9 +8,9 @@ RAY_FREE = [
     "pipeline.models",
     "pipeline.losses",
     "pipeline.data.transforms",
-    "pipeline.data.datasets",
+    "pipeline.data.torch_reader",
     "pipeline.engine",
-    "pipeline.graphs",
+    "pipeline.cuda_graph_step",
     "pipeline.metrics",
     "pipeline.checkpoint",
 ]

@@ -7,10 +7,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data.datasets import make_loader
+from pipeline.data.torch_reader import make_loader
 from pipeline.data.sources import RawSplit
 from pipeline.engine import TrainingSession, epoch_seed, set_trainable
-from pipeline.graphs import sgd_update
+from pipeline.cuda_graph_step import sgd_update
 from pipeline.losses import build_objective
 from pipeline.models import build_model
 
