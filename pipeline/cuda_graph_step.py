@@ -35,8 +35,6 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from pipeline.losses.objective import PART_KEYS
-
 
 @torch.no_grad()
 def sgd_update(
@@ -93,7 +91,7 @@ class CapturedTrainStep:
         self.warmup_steps = warmup_steps
         self.eager_steps = 0
         self.device = self.params[0].device
-        self.sums = {k: torch.zeros((), device=self.device) for k in PART_KEYS}
+        self.sums = {k: torch.zeros((), device=self.device) for k in self.objective.part_names}
         self.lr = torch.zeros((), device=self.device)
         # Off CUDA there is nothing to capture: the same static-buffer step runs uncaptured
         # (what the tests on machines without a GPU exercise).
@@ -119,7 +117,7 @@ class CapturedTrainStep:
             terms = self.objective(self.model(images), labels)
             terms.total.backward()
             self.optimizer.step()
-            for k in PART_KEYS:
+            for k in self.objective.part_names:
                 self.sums[k] += terms.parts[k] * labels.shape[0]
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
@@ -145,7 +143,7 @@ class CapturedTrainStep:
             weight_decay=self.group["weight_decay"],
             nesterov=self.group["nesterov"],
         )
-        for k in PART_KEYS:
+        for k in self.objective.part_names:
             self.sums[k] += terms.parts[k] * self.batch_size
 
     def _capture(self, images: Tensor, labels: Tensor) -> None:

@@ -9,8 +9,7 @@ epoch plus a seeded local buffer in the consumer. Ray is imported here and in di
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -27,20 +26,9 @@ from pipeline.data.shards import (
 from pipeline.data.sources import decode_images
 from pipeline.data.storage import S3Options
 from pipeline.data.transforms import apply_to_batch, build_transform
+from pipeline.seeding import augmentation_seed, epoch_seed
 
 COLUMNS = ["image", "label", "sample_id"]  # the id keys each image's augmentation seed
-
-
-def augmentation_seeds(seed: int, epoch: int, sample_ids: Iterable[object]) -> list[int]:
-    """One RNG seed per image from (run seed, epoch, sample id) alone, so the augmentation an
-    image gets does not depend on which block, task or process transforms it."""
-    return [
-        int.from_bytes(
-            hashlib.blake2b(f"{seed}/{epoch}/{sample_id}".encode(), digest_size=8).digest(),
-            "little",
-        )
-        for sample_id in sample_ids
-    ]
 
 
 def _execution_index() -> int:
@@ -63,12 +51,13 @@ def decode_and_transform(
     with_ids: bool = False,
 ) -> dict[str, np.ndarray]:
     """PNG bytes -> normalised float NCHW batch. The train transform is random per image:
-    seeded per image and epoch with `seed` (see `augmentation_seeds`), unseeded without."""
+    seeded per image and epoch from `seed` (pipeline.seeding), unseeded without."""
     images = decode_images(list(batch["image"]), "shard rows")
     transform = build_transform(augment, train=train)
     seeds = None
     if train and seed is not None:
-        seeds = augmentation_seeds(seed, _execution_index(), batch["sample_id"])
+        epoch = epoch_seed(seed, _execution_index())
+        seeds = [augmentation_seed(epoch, sample_id) for sample_id in batch["sample_id"]]
     out = {
         "image": apply_to_batch(transform, images, seeds).numpy(),
         "label": batch["label"].astype(np.int64),

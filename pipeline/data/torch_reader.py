@@ -9,6 +9,7 @@ source with the same split code that `jobs/prepare_data.py` uses.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from pipeline.data.longtail import build_longtail_splits, select_balanced
 from pipeline.data.shards import load_split, read_manifest
 from pipeline.data.sources import RawSplit, load_raw_dataset
 from pipeline.data.transforms import build_transform, to_chw_tensor
+from pipeline.seeding import augmentation_seed
 
 
 @dataclass
@@ -90,22 +92,18 @@ def load_prepared(uri: str, test_per_class: int | None = None) -> LongTailedData
     )
 
 
-def sample_seed(epoch_seed: int, index: int) -> int:
-    """Seed of one image's augmentation in one epoch: a function of (epoch seed, index) only."""
-    return (epoch_seed * 6_364_136_223_846_793_005 + index * 1_442_695_040_888_963_407) % (2**63)
-
-
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields (augmentation seed, index) pairs for one epoch, in a seeded order.
 
-    The order comes from `seed` and each image's augmentation from `sample_seed(seed, index)`,
-    so an epoch's batches depend on nothing but the seed: not on the number of loader workers,
+    The order comes from `seed` (the epoch seed) and each image's augmentation from
+    `augmentation_seed(seed, sample id)` (pipeline.seeding), so an epoch's batches depend on nothing but the seed: not on the number of loader workers,
     nor on which worker decodes which image. `set_seed` between epochs lets one loader (and
     its persistent workers) serve a whole run.
     """
 
-    def __init__(self, size: int, shuffle: bool, seed: int = 0) -> None:
-        self.size = size
+    def __init__(self, sample_ids: Sequence[object], shuffle: bool, seed: int = 0) -> None:
+        self.sample_ids = sample_ids
+        self.size = len(sample_ids)
         self.shuffle = shuffle
         self.seed = seed
 
@@ -121,7 +119,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         else:
             order = torch.arange(self.size)
         for i in order.tolist():
-            yield sample_seed(self.seed, i), i
+            yield augmentation_seed(self.seed, self.sample_ids[i]), i
 
 
 class ImageArrayDataset(Dataset):
@@ -178,7 +176,7 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), shuffle=train, seed=seed),
+        sampler=EpochSampler(split.sample_ids.tolist(), shuffle=train, seed=seed),
         drop_last=False,  # the recipe keeps the last partial batch
         num_workers=workers,
         pin_memory=pin_memory,

@@ -243,10 +243,11 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipeline import registry, tracking
+    from pipeline import tracking
+    from pipeline.data.shards import read_manifest
     from pipeline.distributed.train import (
         ENGINE_ONLY_GRAPHS,
-        load_trained_model,
+        register_trained_model,
         storage_location,
     )
 
@@ -349,7 +350,7 @@ def run_sweep(
         parent.finish("FAILED")
         raise SweepError(f"sweep '{name}': every trial failed")
     sign = 1 if spec.mode == "max" else -1
-    best = max(candidates, key=lambda r: sign * _finite(r[spec.metric]))
+    best = max(candidates, key=lambda r: sign * _rank_value(r[spec.metric]))
     summary = {
         "name": name,
         "parent_run_id": parent_id,
@@ -360,7 +361,7 @@ def run_sweep(
     }
     parent.log_metrics(
         {
-            f"best/{spec.metric}": _finite(best[spec.metric]),
+            f"best/{spec.metric}": _rank_value(best[spec.metric]),
             "trial_epochs_run": summary["trial_epochs_run"],
             "trial_epochs_full": summary["trial_epochs_full"],
         }
@@ -370,33 +371,17 @@ def run_sweep(
 
     if register and best["checkpoint_path"]:
         cfg = trial_config(base.to_dict(), {k: best[k] for k in spec.space})
-        checkpoint = ray.train.Checkpoint(best["checkpoint_path"], filesystem=storage_fs)
-        manifest_classes = _class_names(cfg)
-        model = load_trained_model(checkpoint, cfg, len(manifest_classes))
-        from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
-
-        child_id = tracking.find_runs(uri, cfg.tracking.experiment, f"{name}-{best['trial_id']}")[
-            0
-        ].info.run_id
-        mv = registry.log_and_register(
-            child_id,
-            model,
-            manifest_classes,
-            registry.model_name_for(cfg),
-            mean=CIFAR_MEAN,
-            std=CIFAR_STD,
-            metrics={"val_acc": best["val/acc"]},
+        trial_run = tracking.find_runs(uri, cfg.tracking.experiment, f"{name}-{best['trial_id']}")
+        summary["model_version"] = register_trained_model(
+            ray.train.Checkpoint(best["checkpoint_path"], filesystem=storage_fs),
+            cfg,
+            read_manifest(cfg.data.uri),
+            run_id=trial_run[0].info.run_id,
+            metrics={"val/acc": best["val/acc"]},
             tracking_uri=uri,
         )
-        summary["model_version"] = str(mv.version)
     parent.finish("FINISHED")
     return summary
-
-
-def _class_names(cfg: Config) -> list[str]:
-    from pipeline.data.shards import read_manifest
-
-    return list(read_manifest(cfg.data.uri).class_names)
 
 
 def _close_children(uri: str, experiment: str, sweep: str, rows: list[dict], epochs: int) -> None:
@@ -414,7 +399,8 @@ def _close_children(uri: str, experiment: str, sweep: str, rows: list[dict], epo
                 tracking.RunLogger(uri, run.info.run_id).finish(status)
 
 
-def _finite(value: Any) -> float:
+def _rank_value(value: Any) -> float:
+    """A trial's metric as a float to rank by; missing or NaN ranks last (-inf)."""
     try:
         value = float(value)
     except (TypeError, ValueError):

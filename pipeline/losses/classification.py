@@ -66,6 +66,25 @@ def log_prior(class_counts: Tensor | Sequence[int], device: torch.device | None 
     return counts.clamp_min(1.0).log()
 
 
+def logit_adjustment(
+    class_counts: Tensor | Sequence[int], tau: float = 1.0, device: torch.device | None = None
+) -> Tensor:
+    """τ·log n: what balanced softmax adds to the logits in training (SHIKE.md §2.3), and what
+    post-hoc logit adjustment subtracts from them at evaluation."""
+    return tau * log_prior(class_counts, device=device)
+
+
+def adjusted_ce_loss(logits: Tensor, target: Tensor, adjustment: Tensor) -> Tensor:
+    """L = Σ_m mean_b CE(z_m + adjustment, y), with `adjustment` a (C,) tensor."""
+    z = as_expert_stack(logits)
+    if adjustment.shape[0] != z.shape[-1]:
+        raise ValueError(
+            f"class_counts has {adjustment.shape[0]} entries but the logits have "
+            f"{z.shape[-1]} classes"
+        )
+    return ce_loss(z + adjustment.to(z.device), target)
+
+
 def balanced_softmax_loss(
     logits: Tensor,
     target: Tensor,
@@ -77,10 +96,4 @@ def balanced_softmax_loss(
     n is the per-class training-count vector (the stage-2 prior of SHIKE.md §2.3, τ = 1 there).
     At test time nothing is added: the adjustment only shapes training.
     """
-    z = as_expert_stack(logits)
-    prior = log_prior(class_counts, device=z.device)
-    if prior.shape[0] != z.shape[-1]:
-        raise ValueError(
-            f"class_counts has {prior.shape[0]} entries but the logits have {z.shape[-1]} classes"
-        )
-    return ce_loss(z + tau * prior, target)
+    return adjusted_ce_loss(logits, target, logit_adjustment(class_counts, tau))

@@ -19,7 +19,12 @@ import torch
 from torch import Tensor
 
 from pipeline.config import LossConfig
-from pipeline.losses.classification import as_expert_stack, ce_loss, log_prior
+from pipeline.losses.classification import (
+    adjusted_ce_loss,
+    as_expert_stack,
+    ce_loss,
+    logit_adjustment,
+)
 from pipeline.losses.distill import dkt_loss, mutual_distillation_loss
 
 PART_KEYS = ("loss", "loss_ce", "loss_dkt", "loss_md")
@@ -90,20 +95,20 @@ class Objective:
         self.kl_reduction = kl_reduction
         # τ·log n, moved to the logits' device on first use.
         self._adjustment: Tensor | None = (
-            tau * log_prior(class_counts) if classification == "balanced_softmax" else None
+            logit_adjustment(class_counts, tau) if classification == "balanced_softmax" else None
         )
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The keys of `LossTerms.parts`, in order: what a training loop logs per epoch."""
+        return PART_KEYS
 
     def _classification_loss(self, z: Tensor, target: Tensor) -> Tensor:
         if self._adjustment is None:
             return ce_loss(z, target)
         if self._adjustment.device != z.device:
             self._adjustment = self._adjustment.to(z.device)
-        if self._adjustment.shape[0] != z.shape[-1]:
-            raise ValueError(
-                f"class_counts has {self._adjustment.shape[0]} entries but the logits have "
-                f"{z.shape[-1]} classes"
-            )
-        return ce_loss(z + self._adjustment, target)  # balanced softmax: CE(z_m + τ·log n, y)
+        return adjusted_ce_loss(z, target, self._adjustment)  # balanced softmax
 
     @staticmethod
     def _weighted(weight: float, compute: Callable[[], Tensor]) -> tuple[Tensor | None, Tensor]:

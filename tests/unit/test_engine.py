@@ -12,14 +12,11 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.torch_reader import make_loader
 from pipeline.data.sources import RawSplit
-from pipeline.engine import (
-    NonFiniteLossError,
-    TrainingSession,
-    epoch_seed,
-    format_epoch_line,
-)
+from pipeline.data.torch_reader import make_loader
+from pipeline.fit import format_epoch_line
+from pipeline.seeding import epoch_seed
+from pipeline.session import NonFiniteLossError, TrainingSession
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -203,7 +200,7 @@ def test_input_wait_is_the_share_of_the_epoch_spent_waiting_for_batches():
     assert 0.4 <= slow["input_start_s"] < slow["input_wait"] * slow["seconds"]
     assert slow["input_wait"] <= 1.0
     assert fast["input_wait"] < 0.05
-    assert "input wait" in format_epoch_line(fast, 3, None, 0.0)
+    assert "input wait" in format_epoch_line(fast, 3, None, 0.0, session.objective.part_names)
 
 
 def test_nan_loss_stops_with_a_clear_error():

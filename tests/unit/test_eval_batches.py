@@ -2,7 +2,7 @@
 
 import torch
 
-from pipeline.distributed.train import EvalBatches
+from pipeline.distributed.worker import EvalBatches
 
 
 def _source(calls: list[int]):

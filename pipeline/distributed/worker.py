@@ -1,0 +1,209 @@
+"""The Ray Train worker: a thin driver of `pipeline.fit` (DESIGN.md, "One loop, two drivers").
+
+Each worker runs the Ray-free `TrainingSession` on its Ray Data shard with the model under DDP
+(gloo on CPU, NCCL on GPU). DDP is rebuilt at the stage switch: stage 1 trains everything but
+the stage-2 head bank, stage 2 only that bank, and parameters outside the trainable set have
+requires_grad=False, so gradient sync neither waits for unused heads nor spends work on frozen
+ones. Every worker reports each epoch to Ray Train; rank 0 evaluates, logs to MLflow and
+writes the checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.data.ray_reader import quiet_progress
+from pipeline.fit import EpochEnd, fit
+from pipeline.seeding import epoch_seed
+from pipeline.session import TrainingSession
+
+# The worker loop logs instead of printing: Ray Train V2 routes a worker's print() both to its
+# logger and, because Ray wraps the worker's stdout, to that stdout too, so every line reached
+# the driver twice. Its root logger (INFO, console + the run's app log file) shows each once.
+log = logging.getLogger(__name__)
+
+LOCAL_SHUFFLE_BUFFER = 1024
+
+
+def _ddp_wrapper(device: torch.device):
+    def wrap(model: nn.Module) -> nn.Module:
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return model
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    return wrap
+
+
+def _reduce_train_stats(
+    stats: dict[str, float], device: torch.device, loss_parts: tuple[str, ...]
+) -> dict[str, float]:
+    """Sample-weighted means of the loss parts over all workers; images/s of the whole group;
+    the largest input waits (a worker short of data holds the others up at the all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    n = stats["samples"]
+    sums = torch.tensor(
+        [n, *(stats[k] * n for k in loss_parts)], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(sums)
+    largest = torch.tensor(
+        [stats["seconds"], stats["input_wait"], stats["input_start_s"]],
+        dtype=torch.float64,
+        device=device,
+    )
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    total = float(sums[0])
+    out = dict(stats)
+    out.update({k: float(sums[i + 1]) / max(total, 1) for i, k in enumerate(loss_parts)})
+    out.update(
+        samples=total,
+        seconds=float(largest[0]),
+        images_per_s=total / max(float(largest[0]), 1e-9),
+        input_wait=float(largest[1]),
+        input_start_s=float(largest[2]),
+    )
+    return out
+
+
+def _torch_batches(iterator, batch_size: int, **kwargs):
+    for batch in iterator.iter_torch_batches(batch_size=batch_size, **kwargs):
+        yield batch["image"], batch["label"]
+
+
+def _announce_first(batches):
+    """Log when the first batch reaches the training step (start-up latency, bench/)."""
+    for i, batch in enumerate(batches):
+        if i == 0:
+            log.info("[shike] first training batch at unix time %.3f", time.time())
+        yield batch
+
+
+class EvalBatches:
+    """The batches of an evaluation split, read once from `read()` (Ray Data) and then kept in
+    memory when they fit in `max_bytes`.
+
+    Evaluation splits are neither augmented nor sharded, so every epoch's pass sees the same
+    batches; re-running the Ray Data pipeline for each epoch's val pass costs seconds of
+    start-up (7 s an epoch on 2 cores for 36 images), far more than a CIFAR epoch on a GPU.
+    """
+
+    def __init__(
+        self, read: Callable[[], Iterable[tuple[Tensor, Tensor]]], max_bytes: int = 512 * 2**20
+    ) -> None:
+        self.read = read
+        self.max_bytes = max_bytes
+        self._kept: list[tuple[Tensor, Tensor]] | None = None
+
+    @classmethod
+    def of_split(cls, name: str) -> EvalBatches:
+        return cls(lambda: _torch_batches(ray.train.get_dataset_shard(name), 256))
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._kept is not None:
+            yield from self._kept
+            return
+        kept: list[tuple[Tensor, Tensor]] | None = []
+        size = 0
+        for images, labels in self.read():
+            size += images.nbytes + labels.nbytes
+            if size > self.max_bytes:
+                kept = None  # too big to keep: read through Ray Data every time
+            elif kept is not None:
+                kept.append((images, labels))
+            yield images, labels
+        self._kept = kept
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = Config.model_validate(loop_config["config"])
+    class_counts: list[int] = loop_config["class_counts"]
+    class_names: list[str] = loop_config["class_names"]
+    eval_splits: list[str] = loop_config["eval_splits"]
+    quiet_progress()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    lead = rank == 0  # evaluates, logs to MLflow, writes the checkpoints
+    device = ray.train.torch.get_device()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+    session = TrainingSession(cfg, class_counts, device, wrap=_ddp_wrapper(device))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            session.restore(directory)
+        if lead:
+            log.info("[shike] resumed from checkpoint at epoch %d", session.epoch)
+
+    logger = (
+        tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if lead else None
+    )
+    train_shard = ray.train.get_dataset_shard("train")
+    per_worker_batch = max(1, cfg.optim.batch_size // world)  # keep the recipe's global batch
+    first_epoch = session.epoch
+
+    def epoch_batches(epoch: int):
+        batches = _torch_batches(
+            train_shard,
+            per_worker_batch,
+            local_shuffle_buffer_size=LOCAL_SHUFFLE_BUFFER,
+            local_shuffle_seed=epoch_seed(cfg.train.seed, epoch) + rank,
+        )
+        if lead and epoch == first_epoch:
+            batches = _announce_first(batches)
+        return batches
+
+    def report(end: EpochEnd) -> None:
+        metrics = end.metrics()
+        if logger is not None:
+            if end.final and end.val is not None:
+                # per-epoch val/* scalars are logged with their step below; only the artifacts
+                logger.log_evaluation(
+                    "val",
+                    end.val.results,
+                    class_counts,
+                    class_names,
+                    counts=end.val.counts,
+                    scalars=False,
+                )
+            if end.test is not None:
+                logger.log_evaluation(
+                    "test", end.test.results, class_counts, class_names, counts=end.test.counts
+                )
+            if end.train is not None:
+                per_epoch = {k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}
+                logger.log_metrics(per_epoch, step=end.epoch - 1)
+        if not end.checkpoint_due:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if lead:
+                session.save(tmp)
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if lead else None
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    def split_batches(name: str) -> EvalBatches | None:
+        return EvalBatches.of_split(name) if lead and name in eval_splits else None
+
+    fit(
+        session,
+        epoch_batches,
+        val_batches=split_batches("val"),
+        test_batches=split_batches("test"),
+        reduce=lambda stats: _reduce_train_stats(stats, device, session.objective.part_names),
+        on_epoch_end=report,
+        log=(lambda line: log.info("[shike] %s", line)) if lead else (lambda line: None),
+    )
