@@ -20,10 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from jobs._options import add_inference_options, apply_threads  # noqa: E402
+from jobs._options import add_inference_options, apply_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,15 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(args)
 
     from pipeline.data import DataError
-    from pipeline.evaluation import (
-        EvaluationError,
-        evaluate_model,
-        format_table,
-        log_evaluation_run,
-        per_class_csv,
-    )
-    from pipeline.registry import RegistryError
-    from pipeline.tracking import TrackingError, resolve_tracking_uri
+    from pipeline.evaluation import evaluate_model, log_evaluation_run
+    from pipeline.mlflow_store import TrackingError, resolve_tracking_uri
+    from pipeline.model_versions import RegistryError
+    from pipeline.reports import format_table, per_class_csv
+    from pipeline.scoring import EvaluationError
 
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
@@ -73,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.output)
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(per_class_csv(report))
+                out.write_text(per_class_csv(report.rows))
             except OSError as exc:
                 raise EvaluationError(f"cannot write {out}: {exc.strerror or exc}") from None
             print(f"per-class table: {out}")

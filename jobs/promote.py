@@ -18,12 +18,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from jobs._options import add_inference_options, apply_threads  # noqa: E402
+from jobs._options import add_inference_options, apply_threads
 
 
 def _margin(text: str) -> float:
@@ -67,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     from pipeline.data import DataError
-    from pipeline.evaluation import EvaluationError, format_decision, promote, split_warning
-    from pipeline.registry import RegistryError
-    from pipeline.tracking import TrackingError, resolve_tracking_uri
+    from pipeline.mlflow_store import TrackingError, resolve_tracking_uri
+    from pipeline.model_versions import RegistryError
+    from pipeline.promotion import format_decision, promote, split_warning
+    from pipeline.scoring import EvaluationError
 
     warning = split_warning(args.split)
     if warning:

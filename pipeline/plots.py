@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline.metrics import FEW_MAX_EXCLUSIVE, MANY_MIN_EXCLUSIVE
+from pipeline.metrics import FEW_MAX_EXCLUSIVE, MANY_MIN_EXCLUSIVE, lt_group
 
 # Band colours for the long-tail groups (few / medium / many training images).
 _BANDS = (
@@ -22,14 +22,6 @@ _BANDS = (
     ("medium", "#ff7f0e"),
     ("many", "#2ca02c"),
 )
-
-
-def _group_of(count: float) -> str:
-    if count > MANY_MIN_EXCLUSIVE:
-        return "many"
-    if count >= FEW_MAX_EXCLUSIVE:
-        return "medium"
-    return "few"
 
 
 def per_class_accuracy_figure(
@@ -62,7 +54,7 @@ def per_class_accuracy_figure(
         "many": (MANY_MIN_EXCLUSIVE + 0.5, hi),
     }
     valid = ~np.isnan(acc)
-    groups = np.array([_group_of(c) for c in counts])
+    groups = np.array([lt_group(c) for c in counts])
     for name, colour in _BANDS:
         x0, x1 = edges[name]
         ax.axvspan(x0, x1, color=colour, alpha=0.08, lw=0)

@@ -1,4 +1,4 @@
-"""MLflow Model Registry: log and register the inference model, aliases, lookup, loading.
+"""MLflow Model Registry: log and register the inference model, load it back.
 
 The registered artifact is `ImageClassifier` (pipeline/models/inference.py): uint8 RGB images
 (N, H, W, 3) in, class probabilities (N, C) out, normalisation baked in, `class_names` attached.
@@ -10,8 +10,8 @@ version and moves the `candidate` alias to it; only the promotion job moves `cha
     clf = load_classifier("models:/shike-cifar100-lt-if100@candidate", tracking_uri=uri)
     probs = clf(torch.from_numpy(uint8_batch))
 
-Model URIs understood everywhere here: `models:/<name>@<alias>`, `models:/<name>/<version>`,
-`models:/<name>/latest`, `runs:/<run_id>/<path>`.
+Model URIs (`models:/<name>@<alias>`, `models:/<name>/<version>`, `models:/<name>/latest`,
+`runs:/<run_id>/<path>`), version lookup, aliases and version tags: `pipeline/model_versions.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,28 +34,28 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from pipeline.models import ImageClassifier
-from pipeline.tracking import (
-    TAG_CONFIG_HASH,
-    TAG_MANIFEST_HASH,
-    TAG_RUN_NAME,
-    TrackingError,
-    _check_key,
-    _check_value,
+from pipeline.credentials import redact_uri
+from pipeline.mlflow_store import (
     check_tracking_server,
+    checked_tags,
     mlflow_uris,
-    redact_uri,
     resolve_tracking_uri,
 )
+from pipeline.model_versions import (
+    CANDIDATE,
+    TAG_RUN_ID,
+    RegistryError,
+    is_missing,
+    pinned_model_uri,
+)
+from pipeline.models import ImageClassifier
+from pipeline.tracking import TAG_CONFIG_HASH, TAG_MANIFEST_HASH, TAG_RUN_NAME
 
 if TYPE_CHECKING:
     from pipeline.config import Config
 
-CANDIDATE = "candidate"
-CHAMPION = "champion"
 MODEL_ARTIFACT_NAME = "model"
 CLASS_NAMES_FILE = "class_names.json"
-TAG_RUN_ID = "shike.run_id"
 
 # Why the pickle format and not MLflow 3.17's default `pt2` (torch.export):
 # * pt2 loads back through `mlflow.pytorch.load_model` as a torch.fx GraphModule: the
@@ -72,10 +71,6 @@ TAG_RUN_ID = "shike.run_id"
 # Unpickling runs code from the artifact store, so the registry must be trusted (it is ours);
 # a site that sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false gets MLflow's explicit refusal.
 SERIALIZATION_FORMAT = "pickle"
-
-
-class RegistryError(LookupError):
-    """A registry lookup or registration problem, with a one-line message."""
 
 
 # ---- names -----------------------------------------------------------------------------------
@@ -183,7 +178,7 @@ def log_and_register(
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        if not _is_missing(exc):
+        if not is_missing(exc):
             raise
         raise RegistryError(f"no MLflow run {run_id} at {redact_uri(uri)}") from exc
 
@@ -217,9 +212,7 @@ def log_and_register(
     for key in (TAG_RUN_NAME, TAG_CONFIG_HASH, TAG_MANIFEST_HASH):
         if key in run.data.tags:
             version_tags[key] = run.data.tags[key]
-    for key, value in list(version_tags.items()):
-        _check_key("model version tag", key)
-        version_tags[key] = _check_value("model version tag", key, value)
+    version_tags = checked_tags(version_tags, "model version tag")
 
     # The LoggedModel is created explicitly in the run's experiment: MLflow's fluent helper
     # would otherwise pick the process's "current" experiment (Default, or $MLFLOW_EXPERIMENT_ID).
@@ -250,137 +243,7 @@ def log_and_register(
     return client.get_model_version(name, mv.version)
 
 
-# ---- lookup ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ModelRef:
-    kind: str  # "alias" | "version" | "latest" | "run"
-    name: str = ""
-    ref: str = ""  # alias, version, or run id
-    path: str = ""  # runs:/ artifact path
-
-
-_MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
-_MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>[^/@]+)$")
-_RUNS = re.compile(r"^runs:/(?P<run>[0-9a-zA-Z]+)(?:/(?P<path>.*))?$")
-
-
-def _parse(model_uri: str) -> _ModelRef:
-    if m := _MODELS_ALIAS.match(model_uri):
-        return _ModelRef("alias", m["name"], m["alias"])
-    if m := _MODELS_VERSION.match(model_uri):
-        version = m["version"]
-        if version == "latest":
-            return _ModelRef("latest", m["name"])
-        if not version.isdigit():
-            raise RegistryError(
-                f"bad model URI {model_uri!r}: version must be a number or 'latest' "
-                "(stages are not used: address models by alias, models:/<name>@<alias>)"
-            )
-        return _ModelRef("version", m["name"], version)
-    if m := _RUNS.match(model_uri):
-        return _ModelRef("run", ref=m["run"], path=(m["path"] or "").strip("/"))
-    raise RegistryError(
-        f"unsupported model URI {model_uri!r}: use models:/<name>@<alias>, "
-        "models:/<name>/<version> or runs:/<run_id>/<path>"
-    )
-
-
-_MISSING_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"})
-
-
-def _is_missing(exc: MlflowException) -> bool:
-    """Whether MLflow reports a missing model / version / alias (not an outage or auth error)."""
-    return getattr(exc, "error_code", None) in _MISSING_CODES
-
-
-def _client(tracking_uri: str | None) -> tuple[MlflowClient, str]:
-    uri = resolve_tracking_uri(tracking_uri)
-    check_tracking_server(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
-
-
-def _require_model(client: MlflowClient, name: str, uri: str) -> Any:
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as exc:
-        if not _is_missing(exc):
-            raise
-        known = sorted(m.name for m in client.search_registered_models(max_results=50))
-        listing = ", ".join(known) if known else "none"
-        raise RegistryError(
-            f"no registered model named '{name}' at {redact_uri(uri)} (registered: {listing})"
-        ) from None
-
-
-def _versions(client: MlflowClient, filter_string: str) -> list[ModelVersion]:
-    found = client.search_model_versions(filter_string, max_results=1000)
-    return sorted(found, key=lambda v: int(v.version))
-
-
-def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None) -> ModelVersion:
-    """The registered `ModelVersion` a model URI designates (for runs:/, the newest version
-    registered from that run); a `RegistryError` naming what is missing otherwise."""
-    ref = _parse(model_uri)
-    client, uri = _client(tracking_uri)
-    if ref.kind == "run":
-        versions = _versions(client, f"run_id = '{ref.ref}'")
-        if ref.path and len(versions) > 1:
-            named = [v for v in versions if _logged_model_name(client, v) == ref.path]
-            versions = named or versions
-        if not versions:
-            raise RegistryError(f"no registered model version comes from run {ref.ref}")
-        return versions[-1]
-
-    registered = _require_model(client, ref.name, uri)
-    if ref.kind == "alias":
-        try:
-            return client.get_model_version_by_alias(ref.name, ref.ref)
-        except MlflowException as exc:
-            if not _is_missing(exc):
-                raise
-            aliases = getattr(registered, "aliases", {}) or {}
-            listing = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
-            raise RegistryError(
-                f"model '{ref.name}' has no alias '{ref.ref}' (aliases: {listing})"
-            ) from None
-    versions = _versions(client, f"name = '{ref.name}'")
-    if ref.kind == "latest":
-        if not versions:
-            raise RegistryError(f"model '{ref.name}' has no versions")
-        return versions[-1]
-    try:
-        return client.get_model_version(ref.name, ref.ref)
-    except MlflowException as exc:
-        if not _is_missing(exc):
-            raise
-        listing = ", ".join(str(v.version) for v in versions) or "none"
-        raise RegistryError(
-            f"model '{ref.name}' has no version {ref.ref} (versions: {listing})"
-        ) from None
-
-
-def _logged_model_name(client: MlflowClient, version: ModelVersion) -> str | None:
-    model_id = getattr(version, "model_id", None)
-    source = str(version.source or "")
-    if not model_id and source.startswith("models:/m-"):
-        model_id = source[len("models:/") :].split("/", 1)[0]
-    if not model_id:
-        return None
-    try:
-        return client.get_logged_model(model_id).name
-    except MlflowException:
-        return None
-
-
-def _loadable_uri(model_uri: str, tracking_uri: str | None) -> str:
-    """Check a models:/ URI resolves (clear errors) before MLflow downloads anything."""
-    ref = _parse(model_uri)
-    if ref.kind in ("alias", "version", "latest"):
-        mv = resolve_model_version(model_uri, tracking_uri=tracking_uri)
-        return f"models:/{mv.name}/{mv.version}"
-    return model_uri
+# ---- loading ---------------------------------------------------------------------------------
 
 
 def load_classifier(
@@ -389,7 +252,7 @@ def load_classifier(
     """The registered `ImageClassifier` (eager, in eval mode, on `device`): uint8 (N, H, W, 3)
     tensor in, probabilities (N, C) out, `.class_names` set."""
     uri = resolve_tracking_uri(tracking_uri)
-    target = _loadable_uri(model_uri, uri)
+    target = pinned_model_uri(model_uri, tracking_uri=uri)
     with mlflow_uris(uri):
         try:
             model = mlflow.pytorch.load_model(target, map_location=torch.device(device))
@@ -401,7 +264,7 @@ def load_classifier(
 def load_pyfunc(model_uri: str, *, tracking_uri: str | None = None) -> Any:
     """The model as an `mlflow.pyfunc.PyFuncModel` (`predict(uint8 ndarray) -> ndarray`)."""
     uri = resolve_tracking_uri(tracking_uri)
-    target = _loadable_uri(model_uri, uri)
+    target = pinned_model_uri(model_uri, tracking_uri=uri)
     with mlflow_uris(uri):
         try:
             return mlflow.pyfunc.load_model(target)
@@ -412,7 +275,7 @@ def load_pyfunc(model_uri: str, *, tracking_uri: str | None = None) -> Any:
 def class_names_of(model_uri: str, *, tracking_uri: str | None = None) -> list[str]:
     """Class names stored with the model (MLmodel metadata; only the MLmodel file is read)."""
     uri = resolve_tracking_uri(tracking_uri)
-    target = _loadable_uri(model_uri, uri)
+    target = pinned_model_uri(model_uri, tracking_uri=uri)
     with mlflow_uris(uri):
         try:
             info = mlflow.models.get_model_info(target)
@@ -422,59 +285,3 @@ def class_names_of(model_uri: str, *, tracking_uri: str | None = None) -> list[s
     if not names:
         raise RegistryError(f"{model_uri} carries no class_names metadata")
     return [str(n) for n in names]
-
-
-# ---- aliases ---------------------------------------------------------------------------------
-
-
-def set_version_tags(
-    name: str, version: str | int, tags: dict[str, Any], *, tracking_uri: str | None = None
-) -> None:
-    """Tag a model version; keys and values pass the same secret guards as run tags."""
-    from pipeline.tracking import _check_key, _check_value
-
-    client, _ = _client(tracking_uri)
-    for key, value in tags.items():
-        _check_key("model version tag", key)
-        client.set_model_version_tag(
-            name, str(version), key, _check_value("model version tag", key, value)
-        )
-
-
-def set_alias(
-    name: str, alias: str, version: str | int, *, tracking_uri: str | None = None
-) -> None:
-    """Point `alias` of model `name` at `version` (which must exist)."""
-    client, _ = _client(tracking_uri)
-    resolve_model_version(f"models:/{name}/{version}", tracking_uri=tracking_uri)
-    client.set_registered_model_alias(name, alias, str(version))
-
-
-def get_alias_version(
-    name: str, alias: str, *, tracking_uri: str | None = None
-) -> ModelVersion | None:
-    """The version `alias` points at; None when the alias is unset (unknown model: error)."""
-    client, uri = _client(tracking_uri)
-    _require_model(client, name, uri)
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if _is_missing(exc):
-            return None
-        raise
-
-
-__all__ = [
-    "CANDIDATE",
-    "CHAMPION",
-    "RegistryError",
-    "TrackingError",
-    "class_names_of",
-    "get_alias_version",
-    "load_classifier",
-    "load_pyfunc",
-    "log_and_register",
-    "model_name_for",
-    "resolve_model_version",
-    "set_alias",
-]

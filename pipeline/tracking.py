@@ -1,4 +1,4 @@
-"""MLflow tracking: one stable run per run name, params/metrics/artifacts, evaluation plots.
+"""MLflow tracking: one stable run per run name, standard tags, logging into a run.
 
 Everything goes through an explicit `MlflowClient(tracking_uri)`: nothing here relies on
 MLflow's process-global "active run", so the driver, a Ray Train worker or a notebook can log
@@ -12,46 +12,43 @@ into the same run by its id without stepping on each other.
     log.log_evaluation("test", results, class_counts, class_names, counts=eval_counts)
     log.finish("FINISHED")
 
-Tracking URIs: the config value, else $MLFLOW_TRACKING_URI, else the embedded default
-`sqlite:///<cwd>/mlflow.db`. For every SQLite store the experiment's artifact location is
-pinned to `<folder of the .db file>/mlartifacts/<experiment>` when we create the experiment (so
-the default keeps artifacts in `<cwd>/mlartifacts`, and a store in a temporary folder keeps its
-artifacts there too, never in the process's working directory). Against an `mlflow server`
-(http/https) the server decides (`--artifacts-destination`, proxied with `--serve-artifacts`).
-
-Credentials never reach MLflow: params and tags come from the config (which holds none), keys
-that look like secrets are refused, values equal to a credential in the environment are refused,
-and passwords inside URIs (`https://user:pw@host`) are masked.
+Which store, its health probe and the credential guard every param and tag passes:
+`pipeline/mlflow_store.py` (`resolve_tracking_uri` and `check_tracking_server` are part of this
+module's API too). Params and tags come from the config, which holds no credentials.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
-import io
 import json
 import math
 import os
 import re
 import subprocess
-import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import plots
 from pipeline.config import EXECUTION_SETTINGS
-from pipeline.metrics import lt_groups
+from pipeline.credentials import redact_uri
+from pipeline.mlflow_store import (
+    TrackingError,
+    check_tracking_server,
+    checked_key,
+    checked_tags,
+    checked_value,
+    sqlite_artifact_root,
+)
+from pipeline.mlflow_store import (  # part of this module's API: jobs and the Ray layer use it
+    resolve_tracking_uri as resolve_tracking_uri,
+)
+from pipeline.reports import per_class_csv, per_class_rows
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -69,152 +66,11 @@ TAG_MLFLOW_RUN_NAME = "mlflow.runName"
 TAG_PARENT_RUN_ID = "mlflow.parentRunId"
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
-DEFAULT_DB_NAME = "mlflow.db"
-ARTIFACTS_DIR_NAME = "mlartifacts"
-
-# Environment variables holding credentials: their values must never appear in params/tags.
-_CREDENTIAL_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "DATABRICKS_TOKEN",
-    "AZURE_STORAGE_ACCESS_KEY",
-    "AZURE_STORAGE_CONNECTION_STRING",
-)
-_SECRET_WORDS = frozenset(
-    {
-        "password", "passwd", "pwd", "secret", "secrets", "token", "tokens", "credential",
-        "credentials", "apikey", "accesskey", "secretkey", "privatekey", "sessiontoken",
-        "authorization", "auth", "cookie", "passphrase",
-    }
-)  # fmt: skip
-_SECRET_PAIRS = frozenset(
-    {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"),
-     ("session", "token"), ("client", "secret"), ("sas", "token")}
-)  # fmt: skip
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]+):[^/@\s]+@")
 
 # MLflow's log_batch limits per request.
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_TAGS_PER_BATCH = 100
-
-
-class TrackingError(RuntimeError):
-    """A tracking problem, with a one-line message (names the URI / run / key involved)."""
-
-
-# ---- URIs and the server -------------------------------------------------------------------
-
-
-def redact_uri(uri: str) -> str:
-    """`https://user:pw@host/x` -> `https://user:***@host/x` (for messages and logged values)."""
-    return _URI_PASSWORD.sub(r"\g<scheme>:***@", uri)
-
-
-def resolve_tracking_uri(configured: str | None) -> str:
-    """The config value, else $MLFLOW_TRACKING_URI, else `sqlite:///<abs cwd>/mlflow.db`."""
-    if configured:
-        return configured
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB_NAME}"
-
-
-def _is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def sqlite_artifact_root(uri: str) -> Path | None:
-    """`<folder of the .db file>/mlartifacts` for a SQLite tracking URI; None for other stores
-    (and for an in-memory SQLite database)."""
-    if not uri.startswith("sqlite:"):
-        return None
-    rest = uri[len("sqlite:") :]
-    if not rest.startswith("///"):
-        return None  # sqlite:// (in memory) or a form we do not interpret
-    path = rest[3:].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    # sqlite:////abs/x.db -> "/abs/x.db"; sqlite:///rel/x.db -> "rel/x.db" (relative to cwd).
-    return Path(path).expanduser().resolve().parent / ARTIFACTS_DIR_NAME
-
-
-def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, within `timeout_s`, when an http(s) tracking server does not answer.
-
-    MLflow's own client retries an unreachable server with back-off for minutes; this probe
-    (GET <uri>/health) turns that into one clear error. SQLite / file stores: no-op.
-    """
-    if not _is_http(uri):
-        return
-    url = uri.rstrip("/") + "/health"
-    # Userinfo in the URL would be sent by urllib as part of the host: strip it for the probe.
-    parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += f":{parts.port}"
-        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    outcome: dict[str, Any] = {}
-
-    def probe() -> None:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310
-                outcome["status"] = resp.status
-        except urllib.error.HTTPError as exc:  # the server answered, with an error status
-            outcome["status"] = exc.code
-        except Exception as exc:  # connection refused, DNS failure, socket timeout, TLS
-            outcome["error"] = exc
-
-    # A thread bounds the whole probe (name resolution included, which urllib does not time).
-    worker = threading.Thread(target=probe, daemon=True, name="mlflow-health-probe")
-    worker.start()
-    worker.join(timeout_s)
-    shown = redact_uri(uri)
-    if worker.is_alive():
-        raise TrackingError(f"MLflow tracking server {shown} did not answer within {timeout_s:g} s")
-    if "error" in outcome:
-        exc = outcome["error"]
-        reason = getattr(exc, "reason", None) or exc
-        raise TrackingError(f"MLflow tracking server {shown} is unreachable: {reason}")
-    status = outcome.get("status", 0)
-    if status >= 500:
-        raise TrackingError(
-            f"MLflow tracking server {shown} is unhealthy: HTTP {status} on /health"
-        )
-
-
-@contextlib.contextmanager
-def mlflow_uris(uri: str) -> Iterator[None]:
-    """Point MLflow's process-global tracking and registry URIs at `uri` for the block.
-
-    Needed only for MLflow's fluent helpers (model logging, `models:/` loading) which read the
-    globals; the previous values (and the MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI variables
-    that `set_tracking_uri` exports) are restored afterwards. Not for concurrent threads.
-    """
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved_env = {k: os.environ.get(k) for k in env_keys}
-    saved_tracking = getattr(tracking_utils, "_tracking_uri", None)
-    saved_registry = getattr(registry_utils, "_registry_uri", None)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri = saved_tracking
-        registry_utils._registry_uri = saved_registry
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # ---- experiments and runs ------------------------------------------------------------------
@@ -281,7 +137,7 @@ def start_or_resume_run(
     client = MlflowClient(tracking_uri=uri)
     exp_id = get_or_create_experiment(client, uri, experiment)
     all_tags = {
-        **_clean_tags(dict(tags or {})),
+        **checked_tags(dict(tags or {})),
         TAG_RUN_NAME: run_name,
         TAG_MLFLOW_RUN_NAME: run_name,
     }
@@ -301,45 +157,6 @@ def start_or_resume_run(
         run_id = client.create_run(exp_id, run_name=run_name).info.run_id
     _log_tags(client, run_id, all_tags)
     return run_id
-
-
-# ---- secrets guard ---------------------------------------------------------------------------
-
-
-def looks_secret(key: str) -> bool:
-    """Whether a param/tag key names a credential (password, token, access key, ...)."""
-    lowered = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
-    parts = [p for p in re.split(r"[^a-z0-9]+", lowered) if p]
-    if any(p in _SECRET_WORDS or p.startswith("aws") for p in parts):
-        return True
-    return any(pair in _SECRET_PAIRS for pair in zip(parts, parts[1:], strict=False))
-
-
-def _check_value(kind: str, key: str, value: str) -> str:
-    for var in _CREDENTIAL_ENV_VARS:
-        secret = os.environ.get(var)
-        if secret and len(secret) >= 4 and secret in value:
-            raise TrackingError(
-                f"refusing to log {kind} '{key}' to MLflow: its value contains ${var}"
-            )
-    return redact_uri(value)
-
-
-def _check_key(kind: str, key: str) -> None:
-    if looks_secret(key):
-        raise TrackingError(
-            f"refusing to log {kind} '{key}' to MLflow: the name looks like a credential"
-        )
-
-
-def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in tags.items():
-        if value is None:
-            continue
-        _check_key("tag", key)
-        out[key] = _check_value("tag", key, str(value))
-    return out
 
 
 def _log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
@@ -402,7 +219,8 @@ def standard_tags(cfg: Config, manifest_hash: str | None = None) -> dict[str, st
 # ---- logging into one run --------------------------------------------------------------------
 
 
-def _finite(value: Any) -> float | None:
+def _float_if_finite(value: Any) -> float | None:
+    """`value` as a float; None for NaN, infinities and non-numbers (MLflow cannot chart them)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -435,8 +253,7 @@ class RunLogger:
         """
         params: dict[str, str] = {}
         for key, value in cfg.flat().items():
-            _check_key("param", key)
-            params[key] = _check_value("param", key, str(value))
+            params[checked_key("param", key)] = checked_value("param", key, str(value))
         run = self.client.get_run(self.run_id)
         existing = run.data.params
         differing = [k for k, v in params.items() if k in existing and existing[k] != v]
@@ -461,7 +278,7 @@ class RunLogger:
         self.client.log_text(self.run_id, cfg.to_yaml(), "config.yaml")
 
     def log_tags(self, tags: Mapping[str, Any]) -> None:
-        _log_tags(self.client, self.run_id, _clean_tags(tags))
+        _log_tags(self.client, self.run_id, checked_tags(tags))
 
     def log_manifest(self, manifest: Mapping[str, Any] | Any) -> str:
         """The dataset manifest as artifact `dataset/manifest.json` and its hash as a tag."""
@@ -481,7 +298,7 @@ class RunLogger:
         stamp = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():
-            number = _finite(value)
+            number = _float_if_finite(value)
             if number is not None:
                 items.append(Metric(key, number, stamp, int(step or 0)))
         for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
@@ -504,8 +321,8 @@ class RunLogger:
         """Final evaluation of one split (results of `EvalCounts.compute`).
 
         Logs `<split>/acc`, `/top5`, `/ece`, `/acc_many`, `/acc_medium`, `/acc_few`,
-        `/num_samples`; artifact `<split>/per_class.csv` (id, name, training images, group,
-        evaluated samples when known, accuracy); figures `<split>/per_class_accuracy.png` and,
+        `/num_samples`; artifact `<split>/per_class.csv` (`reports.per_class_csv`: evaluated
+        samples and hits only when `counts` is given); figures `<split>/per_class_accuracy.png` and,
         when calibration bins are available, `<split>/reliability.png`. The bins come from
         `counts` (the `EvalCounts` the results were computed from) or from explicit per-bin
         arrays (sample count, mean confidence, accuracy). The scalars go at `step` (None:
@@ -527,19 +344,8 @@ class RunLogger:
                 {f"{split}/{k}": results[k] for k in self.SCALAR_KEYS if k in results}, step=step
             )
 
-        group_of = {c: g for g, ids in lt_groups(list(class_counts)).items() for c in ids}
-        totals = counts.class_total.cpu().tolist() if counts is not None else None
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        header = ["class_id", "class_name", "train_images", "group"]
-        header += ["eval_samples"] if totals is not None else []
-        writer.writerow([*header, "accuracy"])
-        for c in range(num_classes):
-            row = [c, names[c] if names else str(c), int(class_counts[c]), group_of[c]]
-            row += [int(totals[c])] if totals is not None else []
-            acc = per_class[c]
-            writer.writerow([*row, "" if math.isnan(acc) else f"{acc:.6f}"])
-        self.client.log_text(self.run_id, buf.getvalue(), f"{split}/per_class.csv")
+        rows = per_class_rows(per_class, class_counts, names, counts)
+        self.client.log_text(self.run_id, per_class_csv(rows), f"{split}/per_class.csv")
 
         fig = plots.per_class_accuracy_figure(
             per_class, class_counts, names, title=f"{split}: per-class accuracy"
@@ -553,7 +359,7 @@ class RunLogger:
                 counts.bin_confidence.cpu().tolist(),
             )
         if bin_counts is not None and bin_conf is not None and bin_acc is not None:
-            ece = _finite(results.get("ece"))
+            ece = _float_if_finite(results.get("ece"))
             fig = plots.reliability_figure(
                 bin_counts, bin_conf, bin_acc, ece=ece, title=f"{split}: reliability"
             )

@@ -7,7 +7,8 @@
 
 `build_longtail_splits(raw, ...)` applies all of it to a `RawDataset` and returns the three
 splits (train = long-tailed subset, val = balanced held-out from unused training images,
-test = the official test set). Pure numpy: no torch, Ray or MLflow.
+test = the official test set). numpy, plus the many/medium/few rule of `pipeline.metrics`
+(which imports torch); no Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+# The manifest's many/medium/few groups are the ones the metrics report.
+from pipeline.metrics import lt_groups as class_groups
+
 if TYPE_CHECKING:
     from pipeline.data.sources import RawDataset, RawSplit
 
 SELECTION_RULES = ("first", "shuffle")
-
-# many: > MANY_ABOVE training images; few: < FEW_BELOW; medium: the rest (20..100 inclusive).
-MANY_ABOVE = 100
-FEW_BELOW = 20
 
 
 def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -167,20 +167,6 @@ def select_balanced(
         chosen.append(idx[:per_class])
     out = np.concatenate(chosen) if chosen else np.empty(0, np.int64)
     return np.sort(out).astype(np.int64)
-
-
-def class_groups(class_counts: Sequence[int]) -> dict[str, list[int]]:
-    """Many (> 100 training images), medium (20..100) and few (< 20) class indices."""
-    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
-    for c, n in enumerate(class_counts):
-        n = int(n)
-        if n > MANY_ABOVE:
-            groups["many"].append(c)
-        elif n < FEW_BELOW:
-            groups["few"].append(c)
-        else:
-            groups["medium"].append(c)
-    return groups
 
 
 def class_counts_of(labels: np.ndarray | Sequence[int], num_classes: int) -> list[int]:

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
+from pipeline.credentials import credential_env_values
 from pipeline.data import StorageError
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
-
-_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -161,10 +160,8 @@ def display(fs: pafs.FileSystem, path: str) -> str:
 def scrub(message: str) -> str:
     """Remove any credential value we know of from a message (belt and braces: pyarrow and
     botocore messages do not normally contain them)."""
-    for name in _SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            message = message.replace(value, "***")
+    for _name, value in credential_env_values():
+        message = message.replace(value, "***")
     return message
 
 

@@ -1,6 +1,9 @@
-"""The `workers > 1` path of `pipeline.evaluation.count_predictions`: evaluation batches
-scored by Ray Data actors that each hold the classifier (one Ray Data row per evaluation batch,
-so Ray's block and batch cuts never re-cut a batch; the driver sums them in batch order)."""
+"""Evaluation batches scored by Ray Data actors that each hold the classifier: the
+`workers > 1` path of `pipeline.evaluation.count_split_predictions`.
+
+One Ray Data row per evaluation batch, so Ray's block and batch cuts never re-cut a batch; each
+actor runs the Ray-free `pipeline.scoring.score_batch`, and the caller sums the per-batch
+counts in batch order (`scoring.sum_batch_counts`), exactly as the in-process path does."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.evaluation import ECE_BINS, EvaluationError, score_batch
+from pipeline.scoring import EvaluationError, count_vector_size, score_batch
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,7 +40,7 @@ class RayBatchScorer:
             images = np.array(self.images[a:b])
             labels = np.array(self.labels[a:b])
             flats.append(score_batch(self.model, images, labels, self.num_classes).numpy())
-        width = 3 * self.num_classes + 3 * ECE_BINS
+        width = count_vector_size(self.num_classes)
         stacked = np.stack(flats) if flats else np.zeros((0, width))
         return {"index": index, "counts": stacked}
 

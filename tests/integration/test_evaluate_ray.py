@@ -1,4 +1,5 @@
-"""pipeline.evaluation's Ray Data path (workers > 1) on the session's real Ray head node.
+"""pipeline.evaluation's Ray Data path (workers > 1, pipeline/distributed/scoring.py) on the
+session's real Ray head node.
 
 The batches run on a pool of two Ray Data actors (1 CPU each); the counts must be identical,
 bit for bit, to the in-process evaluation (workers=1, with this process's torch threads) of the

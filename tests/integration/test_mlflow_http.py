@@ -16,8 +16,8 @@ from pipeline.models import ImageClassifier, build_model
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipeline import registry, tracking  # noqa: E402
-from pipeline.registry import RegistryError  # noqa: E402
+from pipeline import model_versions, registry, tracking  # noqa: E402
+from pipeline.model_versions import RegistryError  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -112,11 +112,11 @@ def test_run_and_model_over_http_land_in_s3(mlflow_server, tmp_path):
 
     # Errors are the same clear ones over REST.
     with pytest.raises(RegistryError, match=f"model '{name}' has no alias 'champion'"):
-        registry.resolve_model_version(f"models:/{name}@champion", tracking_uri=uri)
+        model_versions.resolve_model_version(f"models:/{name}@champion", tracking_uri=uri)
     with pytest.raises(RegistryError, match=f"model '{name}' has no version 3"):
-        registry.resolve_model_version(f"models:/{name}/3", tracking_uri=uri)
+        model_versions.resolve_model_version(f"models:/{name}/3", tracking_uri=uri)
     with pytest.raises(RegistryError, match="no registered model named 'nope'"):
-        registry.resolve_model_version("models:/nope@candidate", tracking_uri=uri)
-    assert registry.get_alias_version(name, "champion", tracking_uri=uri) is None
-    registry.set_alias(name, "champion", 1, tracking_uri=uri)
-    assert str(registry.get_alias_version(name, "champion", tracking_uri=uri).version) == "1"
+        model_versions.resolve_model_version("models:/nope@candidate", tracking_uri=uri)
+    assert model_versions.get_alias_version(name, "champion", tracking_uri=uri) is None
+    model_versions.set_alias(name, "champion", 1, tracking_uri=uri)
+    assert str(model_versions.get_alias_version(name, "champion", tracking_uri=uri).version) == "1"

@@ -1,4 +1,5 @@
-"""pipeline.evaluation + jobs/evaluate.py + jobs/promote.py against a real MLflow SQLite store.
+"""pipeline.evaluation + pipeline.promotion + jobs/evaluate.py + jobs/promote.py against a real
+MLflow SQLite store.
 
 One small prepared dataset (generated images -> Parquet shards + manifest; 10 classes, 60 val
 images) and one registered model `shike-promo` with three versions of known, clearly different
@@ -35,9 +36,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from jobs import evaluate as evaluate_job  # noqa: E402
 from jobs import promote as promote_job  # noqa: E402
-from pipeline import evaluation, registry, tracking  # noqa: E402
-from pipeline.evaluation import EvaluationError  # noqa: E402
-from pipeline.registry import RegistryError  # noqa: E402
+from pipeline import evaluation, model_versions, promotion, registry, reports, tracking  # noqa: E402
+from pipeline.model_versions import RegistryError  # noqa: E402
+from pipeline.scoring import EvaluationError  # noqa: E402
 from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
 MODEL = "shike-promo"
@@ -176,7 +177,7 @@ def _same(a: dict, b: dict) -> bool:
 def test_evaluate_by_alias_version_and_run_agree_with_a_hand_count(dataset, store, models):
     uri, manifest, val = dataset
     version, run_id, expected_acc = models["good"]
-    registry.set_alias(MODEL, "under-test", version, tracking_uri=store)
+    model_versions.set_alias(MODEL, "under-test", version, tracking_uri=store)
 
     by_alias = evaluation.evaluate_model(
         f"models:/{MODEL}@under-test", uri, tracking_uri=store, batch_size=7
@@ -224,7 +225,7 @@ def test_evaluate_by_alias_version_and_run_agree_with_a_hand_count(dataset, stor
     )
     assert by_version.results["ece"] == pytest.approx(ece, abs=1e-6)
 
-    table = evaluation.format_table(by_version)
+    table = reports.format_table(by_version)
     assert f"{MODEL} v{version}" in table
     assert f"{100 * expected_acc:.2f}%" in table
     for label in ("overall", "many", "medium", "few", "ECE"):
@@ -333,11 +334,11 @@ def test_promotion_lifecycle(dataset, store, models, capsys):
     client = MlflowClient(store)
 
     def champion() -> str | None:
-        mv = registry.get_alias_version(MODEL, "champion", tracking_uri=store)
+        mv = model_versions.get_alias_version(MODEL, "champion", tracking_uri=store)
         return None if mv is None else str(mv.version)
 
     # 1. First promotion: a candidate and no champion.
-    registry.set_alias(MODEL, "candidate", v_medium, tracking_uri=store)
+    model_versions.set_alias(MODEL, "candidate", v_medium, tracking_uri=store)
     assert champion() is None
     code, out, _ = _promote(capsys, *common)
     assert code == 0 and "first-promotion" in out
@@ -358,7 +359,7 @@ def test_promotion_lifecycle(dataset, store, models, capsys):
     assert _state(store, MODEL) == before
 
     # 3. A worse candidate is refused; the decision is recorded on both versions.
-    registry.set_alias(MODEL, "candidate", v_bad, tracking_uri=store)
+    model_versions.set_alias(MODEL, "candidate", v_bad, tracking_uri=store)
     code, out, _ = _promote(capsys, *common)
     assert code == 0 and "keep" in out
     assert f"{100 * acc_bad:.2f}%" in out and f"{100 * acc_medium:.2f}%" in out
@@ -372,7 +373,7 @@ def test_promotion_lifecycle(dataset, store, models, capsys):
         assert tags["promotion.champion_version"] == v_medium
 
     # 4. --dry-run of a promotion that would happen: aliases and all tags stay as they were.
-    registry.set_alias(MODEL, "candidate", v_good, tracking_uri=store)
+    model_versions.set_alias(MODEL, "candidate", v_good, tracking_uri=store)
     before = _state(store, MODEL)
     code, out, _ = _promote(capsys, *common, "--dry-run")
     assert code == 0 and "promote:" in out and "dry run" in out
@@ -383,7 +384,7 @@ def test_promotion_lifecycle(dataset, store, models, capsys):
     assert _state(store, MODEL) == before
 
     # 5. A better candidate is promoted (through the API: the decision object).
-    decision = evaluation.promote(MODEL, uri, tracking_uri=store)
+    decision = promotion.promote(MODEL, uri, tracking_uri=store)
     assert decision.action == "promote"
     assert (decision.candidate_version, decision.champion_version) == (v_good, v_medium)
     assert decision.candidate_score == acc_good and decision.champion_score == acc_medium
@@ -393,7 +394,7 @@ def test_promotion_lifecycle(dataset, store, models, capsys):
 
     # 6. And again: already champion, nothing changes.
     before = _state(store, MODEL)
-    decision = evaluation.promote(MODEL, uri, tracking_uri=store)
+    decision = promotion.promote(MODEL, uri, tracking_uri=store)
     assert decision.action == "already-champion"
     assert decision.candidate_score == decision.champion_score == acc_good
     assert _state(store, MODEL) == before
@@ -413,13 +414,13 @@ def test_promote_errors(dataset, store, models, capsys):
     )
     assert code == 1 and "no registered model named 'nobody'" in err
     with pytest.raises(EvaluationError, match="margin must be"):
-        evaluation.promote(MODEL, uri, margin=-0.1, tracking_uri=store)
+        promotion.promote(MODEL, uri, margin=-0.1, tracking_uri=store)
     with pytest.raises(SystemExit):
         promote_job.build_parser().parse_args(
             ["--model-name", "x", "--data", uri, "--margin", "-1"]
         )
-    assert evaluation.split_warning("val") is None
-    assert "test" in evaluation.split_warning("test")
+    assert promotion.split_warning("val") is None
+    assert "test" in promotion.split_warning("test")
 
 
 @pytest.mark.parametrize("job", ["jobs.evaluate", "jobs.promote"])
@@ -432,11 +433,11 @@ def test_jobs_run_as_modules(job):
 
 
 def test_decision_rule():
-    assert evaluation.decide(0.5, None, 0.002)[0] == "first-promotion"
-    assert evaluation.decide(0.6, 0.598, 0.002)[0] == "promote"  # exactly the margin
-    assert evaluation.decide(0.5999, 0.598, 0.002)[0] == "keep"
-    assert evaluation.decide(0.7, 0.5, 0.0)[0] == "promote"
-    assert evaluation.decide(0.5, 0.5, 0.0)[0] == "promote"
+    assert promotion.decide(0.5, None, 0.002)[0] == "first-promotion"
+    assert promotion.decide(0.6, 0.598, 0.002)[0] == "promote"  # exactly the margin
+    assert promotion.decide(0.5999, 0.598, 0.002)[0] == "keep"
+    assert promotion.decide(0.7, 0.5, 0.0)[0] == "promote"
+    assert promotion.decide(0.5, 0.5, 0.0)[0] == "promote"
 
 
 def test_registry_errors_reach_the_api(store, models, dataset):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.metrics import EvalCounts, lt_groups
+from pipeline.metrics import EvalCounts, lt_group, lt_groups
 
 # Six classes; training counts put classes 0-1 in "many", 2-3 in "medium", 4-5 in "few".
 TRAIN_COUNTS = [500, 101, 100, 20, 19, 5]
@@ -65,6 +65,7 @@ def ref_ece(logits: torch.Tensor, target: torch.Tensor, bins: int = 15) -> float
 def test_lt_groups_thresholds() -> None:
     groups = lt_groups([101, 100, 20, 19, 0, 500])
     assert groups == {"many": [0, 5], "medium": [1, 2], "few": [3, 4]}
+    assert [lt_group(n) for n in (100.5, 100, 20, 19.5)] == ["many", "medium", "medium", "few"]
 
 
 def test_accuracy_top5_per_class_groups_ece() -> None:

@@ -1,4 +1,5 @@
-"""pipeline.registry against a real MLflow SQLite store: register, aliases, load, lookup errors."""
+"""pipeline.registry and pipeline.model_versions against a real MLflow SQLite store: register,
+aliases, load, lookup errors."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pipeline.models import ImageClassifier, build_model
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipeline import registry, tracking  # noqa: E402
-from pipeline.registry import RegistryError  # noqa: E402
+from pipeline import mlflow_store, model_versions, registry, tracking  # noqa: E402
+from pipeline.model_versions import RegistryError  # noqa: E402
 from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
 NAMES = [f"class_{i}" for i in range(10)]
@@ -85,12 +86,14 @@ def test_first_registration_is_version_1_with_candidate(registered, store):
     assert mv.tags["shike.run_id"] == run_id
     assert mv.tags["shike.run_name"] == "reg-run"
     assert (
-        str(registry.get_alias_version("shike-unit", "candidate", tracking_uri=store).version)
+        str(model_versions.get_alias_version("shike-unit", "candidate", tracking_uri=store).version)
         == "1"
     )
-    assert registry.get_alias_version("shike-unit", "champion", tracking_uri=store) is None
+    assert model_versions.get_alias_version("shike-unit", "champion", tracking_uri=store) is None
     # The model's artifacts live beside the SQLite file, not in the working directory.
-    source = registry.resolve_model_version("models:/shike-unit@candidate", tracking_uri=store)
+    source = model_versions.resolve_model_version(
+        "models:/shike-unit@candidate", tracking_uri=store
+    )
     loc = MlflowClient(store).get_model_version_download_uri("shike-unit", source.version)
     assert loc.startswith(Path(store[len("sqlite:///") :]).parent.as_uri() + "/mlartifacts/")
 
@@ -104,7 +107,7 @@ def test_pyfunc_and_pytorch_loads_predict_like_the_eager_model(registered, store
     np.testing.assert_allclose(expected.sum(1), 1.0, rtol=1e-5)
 
     # Plain MLflow, as a user would call it.
-    with tracking.mlflow_uris(store):
+    with mlflow_store.mlflow_uris(store):
         pyfunc = mlflow.pyfunc.load_model("models:/shike-unit@candidate")
         torch_model = mlflow.pytorch.load_model("models:/shike-unit@candidate")
     np.testing.assert_allclose(pyfunc.predict(x), expected, atol=1e-5, rtol=0)
@@ -133,7 +136,7 @@ def test_second_registration_moves_candidate(store):
     v1 = registry.log_and_register(run_a, tiny_shike(1), NAMES, "shike-move", **kwargs)
     v2 = registry.log_and_register(run_b, tiny_shike(2), NAMES, "shike-move", **kwargs)
     assert (str(v1.version), str(v2.version)) == ("1", "2")
-    current = registry.get_alias_version("shike-move", "candidate", tracking_uri=store)
+    current = model_versions.get_alias_version("shike-move", "candidate", tracking_uri=store)
     assert str(current.version) == "2" and current.run_id == run_b
     assert MlflowClient(store).get_model_version("shike-move", "1").aliases == []
     # The two versions hold different weights: loading by alias gives the second.
@@ -143,18 +146,21 @@ def test_second_registration_moves_candidate(store):
     assert not torch.allclose(by_alias(x), first(x))
     # runs:/ URIs resolve to the version registered from that run.
     assert (
-        str(registry.resolve_model_version(f"runs:/{run_a}/model", tracking_uri=store).version)
+        str(
+            model_versions.resolve_model_version(f"runs:/{run_a}/model", tracking_uri=store).version
+        )
         == "1"
     )
 
-    registry.set_alias("shike-move", "champion", 1, tracking_uri=store)
+    model_versions.set_alias("shike-move", "champion", 1, tracking_uri=store)
     assert (
-        str(registry.get_alias_version("shike-move", "champion", tracking_uri=store).version) == "1"
+        str(model_versions.get_alias_version("shike-move", "champion", tracking_uri=store).version)
+        == "1"
     )
     with pytest.raises(
         RegistryError, match=r"model 'shike-move' has no version 7 \(versions: 1, 2\)"
     ):
-        registry.set_alias("shike-move", "champion", 7, tracking_uri=store)
+        model_versions.set_alias("shike-move", "champion", 7, tracking_uri=store)
 
 
 def test_registering_an_image_classifier_and_a_wrong_class_count(store):
@@ -165,7 +171,7 @@ def test_registering_an_image_classifier_and_a_wrong_class_count(store):
             tracking_uri=store,
         )  # fmt: skip
     with pytest.raises(RegistryError, match="no registered model named 'shike-bad'"):
-        registry.resolve_model_version("models:/shike-bad@candidate", tracking_uri=store)
+        model_versions.resolve_model_version("models:/shike-bad@candidate", tracking_uri=store)
     # An ImageClassifier is registered as is; alias=None leaves the aliases alone.
     wrapper = ImageClassifier(tiny_shike(4), CIFAR_MEAN, CIFAR_STD, NAMES).eval()
     mv = registry.log_and_register(
@@ -197,7 +203,7 @@ def test_registering_an_image_classifier_and_a_wrong_class_count(store):
 )
 def test_unknown_alias_version_name_are_clear_errors(registered, store, uri, message):
     with pytest.raises(RegistryError, match=message):
-        registry.resolve_model_version(uri, tracking_uri=store)
+        model_versions.resolve_model_version(uri, tracking_uri=store)
 
 
 def test_load_with_unknown_alias_is_a_clear_error(registered, store):
@@ -206,16 +212,20 @@ def test_load_with_unknown_alias_is_a_clear_error(registered, store):
     with pytest.raises(RegistryError, match="has no version 5"):
         registry.class_names_of("models:/shike-unit/5", tracking_uri=store)
     with pytest.raises(RegistryError, match="no registered model named"):
-        registry.get_alias_version("missing-model", "candidate", tracking_uri=store)
+        model_versions.get_alias_version("missing-model", "candidate", tracking_uri=store)
 
 
 def test_latest_and_run_uris(registered, store):
     run_id, _, _ = registered
     assert (
-        str(registry.resolve_model_version("models:/shike-unit/latest", tracking_uri=store).version)
+        str(
+            model_versions.resolve_model_version(
+                "models:/shike-unit/latest", tracking_uri=store
+            ).version
+        )
         == "1"
     )
     assert (
-        registry.resolve_model_version(f"runs:/{run_id}/model", tracking_uri=store).name
+        model_versions.resolve_model_version(f"runs:/{run_id}/model", tracking_uri=store).name
         == "shike-unit"
     )

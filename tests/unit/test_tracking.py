@@ -1,4 +1,5 @@
-"""pipeline.tracking against a real MLflow SQLite store in a temporary folder."""
+"""pipeline.tracking (with pipeline.mlflow_store and pipeline.credentials, which it logs through)
+against a real MLflow SQLite store in a temporary folder."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pipeline.metrics import EvalCounts
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipeline import tracking  # noqa: E402
+from pipeline import credentials, mlflow_store, tracking  # noqa: E402
 from pipeline.tracking import RunLogger, TrackingError  # noqa: E402
 from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
@@ -62,20 +63,22 @@ def test_resolve_tracking_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     default = tracking.resolve_tracking_uri(None)
     assert default == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert tracking.sqlite_artifact_root(default) == tmp_path.resolve() / "mlartifacts"
+    assert mlflow_store.sqlite_artifact_root(default) == tmp_path.resolve() / "mlartifacts"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.resolve_tracking_uri(None) == "http://127.0.0.1:5000"
     assert tracking.resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
-    assert tracking.sqlite_artifact_root("http://host:5000") is None
-    assert tracking.sqlite_artifact_root("sqlite:////data/m/x.db") == Path("/data/m/mlartifacts")
+    assert mlflow_store.sqlite_artifact_root("http://host:5000") is None
+    assert mlflow_store.sqlite_artifact_root("sqlite:////data/m/x.db") == Path(
+        "/data/m/mlartifacts"
+    )
     assert not list(tmp_path.iterdir())  # resolving creates nothing
 
 
 def test_redact_uri_masks_password():
-    assert tracking.redact_uri("https://bob:hunter2@mlflow.example:443/x") == (
+    assert credentials.redact_uri("https://bob:hunter2@mlflow.example:443/x") == (
         "https://bob:***@mlflow.example:443/x"
     )
-    assert tracking.redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert credentials.redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 # ---- one run per run name --------------------------------------------------------------------
@@ -321,7 +324,7 @@ def test_standard_tags_commit_from_environment(cfg, monkeypatch):
     ],
 )
 def test_secret_looking_keys_refused(store, key):
-    assert tracking.looks_secret(key)
+    assert credentials.looks_secret(key)
     run_id = tracking.start_or_resume_run(store, "exp-tags", "secret-run")
     with pytest.raises(TrackingError, match="looks like a credential"):
         RunLogger(store, run_id).log_tags({key: "value"})
@@ -329,14 +332,14 @@ def test_secret_looking_keys_refused(store, key):
 
 
 def test_config_keys_are_not_secret_looking(cfg):
-    assert [k for k in cfg.flat() if tracking.looks_secret(k)] == []
+    assert [k for k in cfg.flat() if credentials.looks_secret(k)] == []
     for key in (
         "loss.dkt_weight",
         "tracking.tracking_uri",
         "shike.dataset_manifest_hash",
         "author",
     ):
-        assert not tracking.looks_secret(key)
+        assert not credentials.looks_secret(key)
 
 
 def test_credential_values_refused_and_uri_passwords_masked(store, monkeypatch):
@@ -395,7 +398,7 @@ def test_start_run_on_unreachable_server_is_a_clear_error():
 def test_mlflow_uris_restores_globals(store):
     before_env = os.environ.get("MLFLOW_TRACKING_URI")
     before = mlflow.get_tracking_uri()
-    with tracking.mlflow_uris(store):
+    with mlflow_store.mlflow_uris(store):
         assert mlflow.get_tracking_uri() == store
         assert mlflow.get_registry_uri() == store
     assert mlflow.get_tracking_uri() == before
