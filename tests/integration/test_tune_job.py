@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,11 +17,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipeline.mlflow_store import mlflow_uris
 from tests.helpers.processes import interrupt, start_driver
 from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(RAY_JOB_TEST_TIMEOUT_S)]
 ROOT = Path(__file__).resolve().parents[2]
+IMAGE_SIZE = 48
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -32,7 +35,8 @@ def _png(img: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def learnable_dataset(tmp_path_factory):
     """Each class has its own colour (plus noise): a working config learns it in one epoch,
-    a learning rate of ~0 stays at chance, which makes ASHA's decision deterministic."""
+    a learning rate of ~0 stays at chance, which makes ASHA's decision deterministic. The
+    images are 48 px, not CIFAR's 32: the registered model's signature must follow the data."""
     from pipeline.data.shards import prepare_dataset
 
     base = tmp_path_factory.mktemp("learnable")
@@ -42,7 +46,7 @@ def learnable_dataset(tmp_path_factory):
     raw.mkdir()
     for split, per_class in (("train", 40), ("test", 10)):
         labels = np.repeat(np.arange(10), per_class)
-        noise = rng.integers(-20, 21, size=(len(labels), 32, 32, 3))
+        noise = rng.integers(-20, 21, size=(len(labels), IMAGE_SIZE, IMAGE_SIZE, 3))
         images = np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
         table = pa.table(
             {"image": [_png(i) for i in images], "label": pa.array(labels, pa.int16())}
@@ -173,6 +177,14 @@ def test_asha_sweep_tracks_parent_and_children_and_registers_the_best(
         c for c in children if c.data.tags["shike.trial_id"] == summary["best"]["trial_id"]
     )
     assert mv.run_id == best_child.info.run_id
+    with mlflow_uris(uri):
+        registered = mlflow.pyfunc.load_model(f"models:/shike-sweep-test/{mv.version}")
+    assert registered.metadata.signature.inputs.to_dict()[0]["tensor-spec"] == {
+        "dtype": "uint8",
+        "shape": (-1, IMAGE_SIZE, IMAGE_SIZE, 3),
+    }
+    images = np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    assert registered.predict(images).shape == (2, 10)
 
     # relaunching the finished sweep restores it instead of starting over
     again = run_sweep(spec, base, register=False)
