@@ -3,21 +3,17 @@
     python -m jobs.prepare_data --dataset cifar10 --source ../shared/data/cifar10 \\
         --imbalance-factor 100 --output s3://datasets/cifar10-lt-if100 --endpoint-url http://127.0.0.1:9000
 
-Also runs as `python jobs/prepare_data.py ...`. The logic lives in pipeline.data.shards
-(`prepare_dataset`); this file only parses arguments. Exit status: 0 on success, 1 with one
-`error: ...` line on stderr for data/storage problems, 2 for bad arguments.
+Also runs as `python jobs/prepare_data.py ...` (the package is installed). The logic lives in
+pipeline.data.prepare (`prepare_dataset`); this file only parses arguments. Exit status: 0 on
+success, 1 with one `error: ...` line on stderr for data/storage problems, 2 for bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from jobs._options import non_negative_int, positive_int  # noqa: E402
+from jobs._options import non_negative_int, positive_int
 
 
 def _positive_float(text: str) -> float:
@@ -136,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
+    # Imported after parsing so that --help and argument errors answer without loading the
+    # data stack (pyarrow, and torch through pipeline.data.longtail).
     from pipeline.data import DataError
-    from pipeline.data.shards import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
     from pipeline.data.storage import S3Options, scrub
 
     def log(line: str) -> None:
@@ -177,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; nothing was published", file=sys.stderr)
         return 130
     counts = {name: s.num_rows for name, s in m.splits.items()}
-    g = m.groups
+    g = m.class_groups
     log(
         f"done: {m.dataset} IF {m.imbalance_factor:g} -> {args.output} | train {counts['train']:,}, "
         f"val {counts['val']:,}, test {counts['test']:,} | many/medium/few classes "

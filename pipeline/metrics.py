@@ -30,29 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# Long-tail groups by *training* images per class (DESIGN.md data contract), the one place
-# they are defined: the manifest (data/longtail.py), the metrics, tables and plots use these.
-MANY_MIN_EXCLUSIVE = 100  # many: n > 100
-FEW_MAX_EXCLUSIVE = 20  # few: n < 20; medium: 20 <= n <= 100
-
-
-def lt_group(train_images: float) -> str:
-    """The group of a class with `train_images` training images: many (> 100), medium
-    (20..100) or few (< 20)."""
-    if train_images > MANY_MIN_EXCLUSIVE:
-        return "many"
-    if train_images >= FEW_MAX_EXCLUSIVE:
-        return "medium"
-    return "few"
-
-
-def lt_groups(class_counts: Sequence[int] | Tensor) -> dict[str, list[int]]:
-    """Class ids per group (`lt_group` of each class's training images), in class order."""
-    counts = [int(c) for c in torch.as_tensor(class_counts).reshape(-1).tolist()]
-    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
-    for cls, n in enumerate(counts):
-        groups[lt_group(n)].append(cls)
-    return groups
+from pipeline.data.longtail import lt_groups
 
 
 class EvalCounts:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline.metrics import FEW_MAX_EXCLUSIVE, MANY_MIN_EXCLUSIVE, lt_group
+from pipeline.data.longtail import FEW_MAX_EXCLUSIVE, MANY_MIN_EXCLUSIVE, lt_group
 
 # Band colours for the long-tail groups (few / medium / many training images).
 _BANDS = (

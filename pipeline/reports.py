@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.metrics import FEW_MAX_EXCLUSIVE, MANY_MIN_EXCLUSIVE, EvalCounts, lt_groups
+from pipeline.data.longtail import FEW_MAX_EXCLUSIVE, MANY_MIN_EXCLUSIVE, lt_groups
+from pipeline.metrics import EvalCounts
 
 if TYPE_CHECKING:
     from pipeline.data.shards import Manifest

@@ -4,12 +4,20 @@ Importing this package is cheap and has no side effects: the submodules are impo
 (`from pipeline.data.longtail import longtail_counts`). Only the shared error types live here.
 
 Modules
-- `longtail`  long-tail class counts (SHIKE.md §4), subset selection, val split, many/medium/few
-- `sources`   raw datasets -> decoded uint8 pixels (`RawDataset`): Parquet folder, official
-              cifar-10/100 python archives (or their extracted folders), image folders
-- `storage`   URI (`file:///abs`, bare path, `s3://bucket/prefix`) -> pyarrow filesystem + path
-- `shards`    long-tailed splits -> Parquet shards + `manifest.json` (atomic publish), and the
-              verifying reader (`read_manifest`, `load_split`)
+- `longtail`       long-tail class counts (SHIKE.md §4), subset selection, val split, and the
+                   many/medium/few class groups (the one definition of their thresholds)
+- `raw`            `RawSplit` / `RawDataset`: decoded uint8 pixels of a raw source
+- `sources`        which format a source is, and its reader: `parquet_folder` (a folder of
+                   Parquet files), `cifar_archives` (official cifar-10/100 python archives),
+                   `image_folder` (a folder per class)
+- `images`         PNG encode / decode
+- `storage`        URI (`file:///abs`, bare path, `s3://bucket/prefix`) -> pyarrow filesystem
+- `manifest`       the `manifest.json` model (pydantic) and its reader
+- `prepare`        long-tailed splits -> Parquet shards + manifest (atomic publish)
+- `shards`         the verifying shard reader (`load_split`, `verify_split`)
+- `transforms`     the SHIKE.md §3.1 augmentation
+- `torch_reader`   the Ray-free reader: decoded splits and torch DataLoaders
+- `ray_reader`     Ray Data datasets over the shards (the Ray Train workers' input)
 """
 
 from __future__ import annotations

@@ -3,12 +3,11 @@
     counts = longtail_counts(500, 100, 100)          # CIFAR-100-LT IF100: sum(counts) == 10847
     train_idx = select_longtail(labels, counts)       # first n_i images of class i, source order
     val_idx = select_balanced(labels, 20, exclude=train_idx, allow_empty=True)
-    class_groups(counts)                              # {"many": [0..34], "medium": [...], "few": [...]}
+    lt_groups(counts)                                 # {"many": [0..34], "medium": [...], "few": [...]}
 
 `build_longtail_splits(raw, ...)` applies all of it to a `RawDataset` and returns the three
 splits (train = long-tailed subset, val = balanced held-out from unused training images,
-test = the official test set). numpy, plus the many/medium/few rule of `pipeline.metrics`
-(which imports torch); no Ray or MLflow.
+test = the official test set). numpy only.
 """
 
 from __future__ import annotations
@@ -19,13 +18,34 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-# The manifest's many/medium/few groups are the ones the metrics report.
-from pipeline.metrics import lt_groups as class_groups
-
 if TYPE_CHECKING:
     from pipeline.data.sources import RawDataset, RawSplit
 
 SELECTION_RULES = ("first", "shuffle")
+
+# Long-tail groups by *training* images per class (DESIGN.md data contract), the one place
+# they are defined: the manifest, the metrics, tables and plots use these.
+MANY_MIN_EXCLUSIVE = 100  # many: n > 100
+FEW_MAX_EXCLUSIVE = 20  # few: n < 20; medium: 20 <= n <= 100
+
+
+def lt_group(train_images: float) -> str:
+    """The group of a class with `train_images` training images: many (> 100), medium
+    (20..100) or few (< 20)."""
+    if train_images > MANY_MIN_EXCLUSIVE:
+        return "many"
+    if train_images >= FEW_MAX_EXCLUSIVE:
+        return "medium"
+    return "few"
+
+
+def lt_groups(class_counts: Sequence[int] | np.ndarray) -> dict[str, list[int]]:
+    """Class ids per group (`lt_group` of each class's training images), in class order."""
+    counts = [int(c) for c in np.asarray(class_counts).reshape(-1).tolist()]
+    groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
+    for cls, n in enumerate(counts):
+        groups[lt_group(n)].append(cls)
+    return groups
 
 
 def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -246,6 +266,6 @@ def build_longtail_splits(
         val_indices=val_idx,
         test_indices=test_idx,
         class_counts=counts,
-        groups=class_groups(counts),
+        groups=lt_groups(counts),
         n_max=n_max,
     )

@@ -8,8 +8,8 @@ import pytest
 from pipeline.data.longtail import (
     build_longtail_splits,
     class_counts_of,
-    class_groups,
     longtail_counts,
+    lt_groups,
     select_balanced,
     select_longtail,
 )
@@ -36,12 +36,12 @@ def test_cifar100_counts_match_the_paper(imbalance):
     assert sum(counts) == total
     assert counts[:5] == first5 and counts[-5:] == last5
     assert counts == sorted(counts, reverse=True)
-    groups = class_groups(counts)
+    groups = lt_groups(counts)
     assert (len(groups["many"]), len(groups["medium"]), len(groups["few"])) == (many, medium, few)
 
 
 def test_cifar100_if100_groups_are_contiguous_class_ranges():
-    groups = class_groups(longtail_counts(500, 100, 100))
+    groups = lt_groups(longtail_counts(500, 100, 100))
     assert groups == {
         "many": list(range(0, 35)),
         "medium": list(range(35, 70)),
@@ -156,7 +156,7 @@ def test_select_balanced_small_and_empty_pools():
 
 def test_class_group_thresholds():
     counts = [101, 100, 20, 19, 0]
-    assert class_groups(counts) == {"many": [0], "medium": [1, 2], "few": [3, 4]}
+    assert lt_groups(counts) == {"many": [0], "medium": [1, 2], "few": [3, 4]}
 
 
 def _raw(num_classes: int, train_per_class: int, test_per_class: int) -> RawDataset:

@@ -16,28 +16,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import DataError, IntegrityError, SourceFormatError, StorageError
-from pipeline.data.torch_reader import load_prepared
 from pipeline.data.longtail import (
     build_longtail_splits,
     class_counts_of,
     longtail_counts,
     select_longtail,
 )
-from pipeline.data.shards import (
-    MANIFEST_NAME,
-    TRAIN_ROW_ORDER_SEED,
-    load_split,
-    prepare_dataset,
-    prepare_from_raw,
-    read_manifest,
-    read_split_table,
-    shard_files,
-    verify_split,
-)
+from pipeline.data.manifest import MANIFEST_NAME, TRAIN_ROW_ORDER_SEED, Manifest, read_manifest
+from pipeline.data.prepare import prepare_dataset, prepare_from_raw
+from pipeline.data.shards import load_split, read_split_table, shard_files, verify_split
 from pipeline.data.storage import S3Options, resolve
+from pipeline.data.torch_reader import load_prepared
 from tests.helpers.cifar_archives import write_cifar100_archive, write_parquet_folder
 
 ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def _files(root: Path) -> dict[str, str]:
@@ -88,9 +81,9 @@ def test_cifar100_prepare_round_trip(cifar100_raw, cifar100_archive, tmp_path):
     assert m2.dataset == "cifar100" and m2.class_names == cifar100_archive.class_names
     assert m2.coarse_class_names == cifar100_archive.coarse_class_names
     assert m2.class_counts == longtail_counts(500, 100, 100)
-    assert [len(m2.groups[k]) for k in ("many", "medium", "few")] == [35, 35, 30]
+    assert [len(m2.class_groups[k]) for k in ("many", "medium", "few")] == [35, 35, 30]
     assert m2.source["checksum"] == cifar100_raw.checksum and m2.source["format"] == "cifar-python"
-    assert m2.selection == "first" and m2.selection_seed == 0 and m2.imbalance_factor == 100.0
+    assert m2.selection.rule == "first" and m2.selection.seed == 0 and m2.imbalance_factor == 100.0
     train = load_split(m2, "train")
     idx = select_longtail(cifar100_raw.train.labels, m2.class_counts)
     idx = idx[np.random.default_rng(TRAIN_ROW_ORDER_SEED).permutation(len(idx))]  # stored order
@@ -264,7 +257,7 @@ def test_selection_shuffle_and_caps(small, tmp_path):
         val_per_class=4,
         test_per_class=2,
     )
-    assert m.selection == "shuffle" and m.selection_seed == 3 and m.n_max == 50
+    assert m.selection.rule == "shuffle" and m.selection.seed == 3 and m.n_max == 50
     assert m.splits["val"].class_counts == [4] * 10 and m.splits["test"].class_counts == [2] * 10
     assert m.class_counts == longtail_counts(50, 10, 10)
 
@@ -364,26 +357,63 @@ def test_corrupt_shard_with_matching_sha_is_not_parquet(small_prepared):
 def test_bad_manifests(small_prepared):
     path = small_prepared / MANIFEST_NAME
     good = json.loads(path.read_text())
-    path.write_text("{not json")
-    with pytest.raises(IntegrityError, match=f"{path}: not valid JSON"):
-        read_manifest(str(small_prepared))
-    path.write_text(json.dumps({**good, "schema_version": 99}))
-    with pytest.raises(IntegrityError, match="schema_version 99 is not supported"):
-        read_manifest(str(small_prepared))
-    broken = json.loads(json.dumps(good))
-    broken["splits"]["train"]["num_rows"] += 1
-    path.write_text(json.dumps(broken))
-    with pytest.raises(IntegrityError, match="split train: shard rows do not add up"):
-        read_manifest(str(small_prepared))
-    broken = json.loads(json.dumps(good))
-    broken["splits"]["train"]["shards"][0]["path"] = "../../etc/passwd"
-    path.write_text(json.dumps(broken))
-    with pytest.raises(IntegrityError, match="must be relative"):
-        read_manifest(str(small_prepared))
-    del good["class_names"]
-    path.write_text(json.dumps(good))
-    with pytest.raises(IntegrityError, match="missing or malformed field"):
-        read_manifest(str(small_prepared))
+
+    def refused(doc, message):
+        path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        with pytest.raises(IntegrityError, match=f"^{path}: {message}"):
+            read_manifest(str(small_prepared))
+
+    def altered(change):
+        doc = json.loads(json.dumps(good))
+        change(doc)
+        return doc
+
+    refused("{not json", "not valid JSON")
+    refused("[1, 2]", "invalid manifest: Input should be an object")
+    refused({**good, "schema_version": 99}, "invalid manifest: schema_version: 99 is not supported")
+    refused(
+        altered(
+            lambda d: d["splits"]["train"].update(num_rows=d["splits"]["train"]["num_rows"] + 1)
+        ),
+        "invalid manifest: splits.train: shard rows do not add up",
+    )
+    refused(
+        altered(lambda d: d["splits"]["train"]["shards"][0].update(path="../../etc/passwd")),
+        r"invalid manifest: splits.train.shards.0.path: .*must be relative",
+    )
+    refused(
+        altered(lambda d: d["splits"]["val"]["shards"][0].update(sha256="abc")),
+        r"invalid manifest: splits.val.shards.0.sha256: String should match pattern",
+    )
+    refused(
+        altered(lambda d: d["splits"]["test"].update(class_counts=[2] * 5)),
+        "invalid manifest: splits.test: class_counts do not add up",
+    )
+    refused(altered(lambda d: d.update(num_classes=9)), "invalid manifest: num_classes is 9")
+    refused(
+        altered(lambda d: d.pop("class_names")), "invalid manifest: class_names: Field required"
+    )
+    refused(altered(lambda d: d.update(n_max="many")), "invalid manifest: n_max: Input should be")
+
+
+@pytest.mark.parametrize("name", ["manifest_cifar10_v1.json", "manifest_cifar100_v1.json"])
+def test_manifests_written_before_the_pydantic_model_still_load(name, tmp_path):
+    """The fixtures are manifest.json files written by the hand-written Manifest.to_dict (before
+    the model moved to pydantic): they load, and writing them back gives the same bytes."""
+    fixture = FIXTURES / name
+    (tmp_path / MANIFEST_NAME).write_bytes(fixture.read_bytes())
+    m = read_manifest(str(tmp_path))
+    assert m.to_json() == fixture.read_bytes()
+    assert m.to_dict() == json.loads(fixture.read_text())
+    assert m.train_row_order == "shuffled" and m.image_shape == [32, 32, 3]
+    assert m.num_classes == len(m.class_names) == len(m.class_counts)
+    assert m.has_coarse == (m.dataset == "cifar100")
+    assert [c.name for c in m.columns] == m.arrow_schema.names
+    class_ordered = json.loads(fixture.read_text())  # before the shuffled row order
+    del class_ordered["train_row_order"]
+    again = Manifest.model_validate(class_ordered)
+    assert again.train_row_order == "class"
+    assert again.to_dict() == {**class_ordered, "train_row_order": {"order": "class"}}
 
 
 # --------------------------------------------------------------------------------------

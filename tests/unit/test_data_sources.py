@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data import DataError, SourceFormatError
-from pipeline.data import sources as src
+from pipeline.data import DataError, SourceFormatError, cifar_archives
 from pipeline.data.longtail import class_counts_of, longtail_counts, select_longtail
+from pipeline.data.raw import checksum_files, file_hexdigest
 from pipeline.data.sources import load_raw_dataset
 from tests.helpers.cifar_archives import (
     CIFAR10_NAMES,
@@ -267,9 +267,9 @@ def test_offline_download_failure_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.delenv("CIFAR100_DIR", raising=False)
     monkeypatch.setenv("SHIKE_DATA_CACHE", str(tmp_path / "cache"))
-    url, name, md5 = src.ARCHIVES["cifar100"]
+    url, name, md5 = cifar_archives.ARCHIVES["cifar100"]
     monkeypatch.setitem(
-        src.ARCHIVES, "cifar100", (f"http://127.0.0.1:{free_port()}/{name}", name, md5)
+        cifar_archives.ARCHIVES, "cifar100", (f"http://127.0.0.1:{free_port()}/{name}", name, md5)
     )
     with pytest.raises(SourceFormatError) as err:
         load_raw_dataset("cifar100", None)
@@ -283,10 +283,9 @@ def test_cached_archive_with_right_md5_is_used(tmp_path, monkeypatch):
     gen = write_cifar10_archive(tmp_path / "cache", 1, 1)
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
     monkeypatch.setenv("SHIKE_DATA_CACHE", str(tmp_path / "cache"))
-    url, name, _ = src.ARCHIVES["cifar10"]
-    monkeypatch.setitem(
-        src.ARCHIVES, "cifar10", ("http://127.0.0.1:9/never", name, src._md5(gen.path))
-    )
+    url, name, _ = cifar_archives.ARCHIVES["cifar10"]
+    md5 = file_hexdigest(gen.path, "md5")
+    monkeypatch.setitem(cifar_archives.ARCHIVES, "cifar10", ("http://127.0.0.1:9/never", name, md5))
     raw = load_raw_dataset("cifar10", None)
     _assert_same(raw.train, gen.train)
 
@@ -322,7 +321,7 @@ def test_real_cifar10(cifar10_raw, cifar10_dir):
         )
     mean = raw.train.images.reshape(-1, 3).mean(0) / 255
     assert np.allclose(mean, [0.4913, 0.4821, 0.4465], atol=2e-4)
-    assert raw.checksum == load_raw_dataset.__globals__["_checksum_files"](
+    assert raw.checksum == checksum_files(
         cifar10_dir,
         [cifar10_dir / "train.parquet", cifar10_dir / "test.parquet", cifar10_dir / "classes.json"],
     )

@@ -1,0 +1,237 @@
+"""`manifest.json`: what a prepared dataset vouches for (the `Manifest` model), its file form,
+and `read_manifest`, which checks it before anything trusts it.
+
+The model mirrors the JSON file key for key (schema version 1), so pydantic both validates
+what is read and writes it back unchanged. Bad manifests are an IntegrityError naming the
+file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import pyarrow as pa
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.data import DataError, IntegrityError
+from pipeline.data.longtail import FEW_MAX_EXCLUSIVE, MANY_MIN_EXCLUSIVE
+from pipeline.data.storage import S3Options, display, join, read_bytes, resolve
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+# Training rows are written in one seeded random order, not class by class: streaming readers
+# (Ray Data) shuffle only within a local buffer of about a thousand rows, which cannot mix a
+# split stored as 5,000 head-class rows followed by the next class's. Manifests written before
+# this have no "train_row_order" and read as "class".
+TRAIN_ROW_ORDER = "shuffled"
+TRAIN_ROW_ORDER_SEED = 0
+# Training images per class of the many / medium / few class_groups (longtail.lt_group).
+GROUP_THRESHOLDS = {
+    "many": f"> {MANY_MIN_EXCLUSIVE}",
+    "medium": f"{FEW_MAX_EXCLUSIVE}..{MANY_MIN_EXCLUSIVE}",
+    "few": f"< {FEW_MAX_EXCLUSIVE}",
+}
+
+
+def shard_schema(with_coarse: bool) -> pa.Schema:
+    """The Arrow schema of every shard (the data contract's columns)."""
+    fields = [
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int64(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+    ]
+    if with_coarse:
+        fields.append(pa.field("coarse_label", pa.int64(), nullable=False))
+    return pa.schema(fields)
+
+
+class ShardInfo(BaseModel):
+    path: str  # relative to the dataset root, "train/part-00000-<hash>.parquet"
+    num_rows: int
+    bytes: int
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_dataset(cls, path: str) -> str:
+        if path.startswith("/") or ".." in path.split("/") or "://" in path:
+            raise ValueError(f"shard path {path!r} must be relative to the dataset")
+        return path
+
+
+class SplitInfo(BaseModel):
+    num_rows: int
+    class_counts: list[int]
+    shards: list[ShardInfo]
+
+    @model_validator(mode="after")
+    def _rows_add_up(self) -> SplitInfo:
+        if sum(s.num_rows for s in self.shards) != self.num_rows:
+            raise ValueError(f"shard rows do not add up to num_rows {self.num_rows}")
+        if sum(self.class_counts) != self.num_rows:
+            raise ValueError(f"class_counts do not add up to num_rows {self.num_rows}")
+        return self
+
+
+class Selection(BaseModel):
+    rule: str  # longtail.SELECTION_RULES
+    seed: int
+
+
+class ImageInfo(BaseModel):
+    height: int
+    width: int
+    channels: int = 3
+    encoding: str = "png"
+
+
+class Column(BaseModel):
+    name: str
+    type: str  # the Arrow type as text, "int64"
+
+
+def _dumps(obj: Any, indent: str = "") -> str:
+    """Indented JSON with lists of scalars kept on one line (readable for 100 classes)."""
+    inner = indent + "  "
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{inner}{json.dumps(str(k))}: {_dumps(v, inner)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in obj) + "\n" + indent + "]"
+    return json.dumps(obj, ensure_ascii=False)
+
+
+class Manifest(BaseModel):
+    """What `manifest.json` vouches for (fields in file order), plus where it was read from
+    (`uri`, `filesystem`, `root`: the pyarrow filesystem and the dataset folder's path in it)."""
+
+    schema_version: int
+    dataset: str
+    source: dict[str, str]  # path, format, checksum
+    imbalance_factor: float
+    n_max: int
+    selection: Selection
+    val_per_class: int
+    test_per_class: int | None = None
+    num_classes: int
+    class_names: list[str]
+    coarse_class_names: list[str] | None = None
+    class_counts: list[int]  # training images per class
+    # How the training rows are ordered in the shards; the file holds {"order": ..., "seed": ...}.
+    train_row_order: str = "class"
+    class_groups: dict[str, list[int]]  # many / medium / few
+    class_group_thresholds: dict[str, str] = Field(default_factory=lambda: dict(GROUP_THRESHOLDS))
+    image: ImageInfo
+    columns: list[Column]
+    splits: dict[str, SplitInfo]
+    uri: str = Field("", exclude=True)
+    filesystem: Any = Field(None, exclude=True, repr=False)
+    root: str = Field("", exclude=True)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _supported_version(cls, version: int) -> int:
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{version} is not supported (this code reads {SCHEMA_VERSION})")
+        return version
+
+    @field_validator("train_row_order", mode="before")
+    @classmethod
+    def _order_of(cls, value: Any) -> Any:
+        return value.get("order") if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _consistent_class_count(self) -> Manifest:
+        if self.num_classes != len(self.class_names):
+            raise ValueError(
+                f"num_classes is {self.num_classes} but there are {len(self.class_names)} class_names"
+            )
+        for name, split in self.splits.items():
+            if len(split.class_counts) != self.num_classes:
+                raise ValueError(
+                    f"splits.{name}.class_counts has {len(split.class_counts)} entries for "
+                    f"{self.num_classes} classes"
+                )
+        return self
+
+    @property
+    def has_coarse(self) -> bool:
+        return self.coarse_class_names is not None
+
+    @property
+    def image_shape(self) -> list[int]:
+        return [self.image.height, self.image.width, 3]
+
+    @property
+    def arrow_schema(self) -> pa.Schema:
+        return shard_schema(self.has_coarse)
+
+    def split_info(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise DataError(f"{self.uri}: no split '{split}' (has {', '.join(self.splits)})")
+        return self.splits[split]
+
+    def shard_paths(self, split: str) -> list[str]:
+        """Filesystem paths (for `self.filesystem`) of the split's shards, in order."""
+        return [join(self.root, s.path) for s in self.split_info(split).shards]
+
+    def shard_uris(self, split: str) -> list[str]:
+        fs = self.filesystem
+        return [display(fs, p) if fs is not None else p for p in self.shard_paths(split)]
+
+    @field_serializer("train_row_order")
+    def _order_as_stored(self, order: str) -> dict[str, Any]:
+        if order == TRAIN_ROW_ORDER:
+            return {"order": order, "seed": TRAIN_ROW_ORDER_SEED}
+        return {"order": order}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as stored in `manifest.json` (plain JSON types)."""
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> bytes:
+        return (_dumps(self.to_dict()) + "\n").encode()
+
+
+def _integrity_error(where: str, exc: ValidationError) -> IntegrityError:
+    """The first problem pydantic found, as one line naming the file and the field."""
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return IntegrityError(f"{where}: not valid JSON ({err['msg']})")
+    field = ".".join(str(part) for part in err["loc"])
+    problem = err["msg"].removeprefix("Value error, ")
+    return IntegrityError(f"{where}: invalid manifest: {field + ': ' if field else ''}{problem}")
+
+
+def read_manifest(uri: str, s3: S3Options | None = None) -> Manifest:
+    """Read and check `manifest.json` at `uri` (the dataset folder, or the manifest file)."""
+    fs, root = resolve(uri, s3)
+    if root.rsplit("/", 1)[-1] == MANIFEST_NAME:
+        root = root.rsplit("/", 1)[0] if "/" in root else ""
+        uri = str(uri)[: -len(MANIFEST_NAME)].rstrip("/")
+    mpath = join(root, MANIFEST_NAME)
+    where = display(fs, mpath)
+    try:
+        blob = read_bytes(fs, mpath)
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"no {MANIFEST_NAME} at {where}: not a prepared dataset, or it was never published "
+            f"(run jobs/prepare_data.py)"
+        ) from None
+    try:
+        manifest = Manifest.model_validate_json(blob)
+    except ValidationError as exc:
+        raise _integrity_error(where, exc) from None
+    manifest.uri, manifest.filesystem, manifest.root = str(uri), fs, root
+    return manifest
