@@ -37,19 +37,21 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
+	$(BIN)/lint-imports
 	$(BIN)/ruff check pipeline jobs tests bench
 	$(BIN)/ruff format --check pipeline jobs tests bench
 
-# The CPU benchmarks of BENCHMARKS.md (each appends its table there); bench-asha is the
-# 8-trial sweep comparison (622 s on 2 cores; make bench 384 s: BENCHMARKS.md, "Reading the figures").
+# The CPU benchmarks of BENCHMARKS.md: each replaces its own section there (the table it
+# replaces goes to bench/HISTORY.md). bench-asha is the 8-trial sweep comparison (622 s on
+# 2 cores; make bench 384 s: BENCHMARKS.md, "Running the benchmarks").
 bench: install
-	$(BIN)/python bench/train_step.py --steps 10
-	$(BIN)/python bench/loader_speed.py --data $(CIFAR10_DIR) --workers 2
-	$(BIN)/python bench/data_pipeline.py --epochs 2
-	$(BIN)/python bench/pipeline_efficiency.py --workers 1 2 --epochs 3
+	$(BIN)/python -m bench.train_step --steps 10
+	$(BIN)/python -m bench.loader_speed --data $(CIFAR10_DIR) --workers 2
+	$(BIN)/python -m bench.data_pipeline --epochs 2
+	$(BIN)/python -m bench.pipeline_efficiency --workers 1 2 --epochs 3
 
 bench-asha: install
-	$(BIN)/python bench/asha_savings.py
+	$(BIN)/python -m bench.asha_savings
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

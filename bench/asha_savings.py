@@ -1,6 +1,6 @@
 """Compute saved by ASHA: the same 8-trial grid swept with ASHA and without early stopping.
 
-    python bench/asha_savings.py [--epochs 4] [--head-images 250] [--concurrency 2] [--no-record]
+    python -m bench.asha_savings [--epochs 4] [--head-images 250] [--concurrency 2] [--no-record]
 
 Grid: loss.dkt_weight x optim.peak_lr (2 x 4 = 8 trials, learning rates from far too small to
 large) on CIFAR-10-LT IF100 with 250 head-class images (real CIFAR-10 from CIFAR10_DIR), SHIKE
@@ -23,10 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.record import record
 
-from bench.record import record  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -122,7 +121,7 @@ def main() -> None:
     if args.no_record:
         print(table)
     else:
-        record("ASHA: compute saved on an 8-trial sweep", table)
+        record("asha", "ASHA: compute saved on an 8-trial sweep", table)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Data benchmarks: prepare time, and images/s delivered to a consumer (decoded + augmented
 batches of 128) from local shards and from S3 on loopback (moto), against the training step.
 
-    python bench/data_pipeline.py [--epochs 2] [--no-record]
+    python -m bench.data_pipeline [--epochs 2] [--no-record]
 
 Needs CIFAR10_DIR (the real CIFAR-10 Parquet copy). Everything is measured in one run:
 1. prepare CIFAR-10-LT IF100 from CIFAR10_DIR to a local folder (wall time);
@@ -25,10 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.record import record  # noqa: E402
-from bench.train_step import images_per_s  # noqa: E402
+from bench.record import record
+from bench.train_step import images_per_s
 
 
 def _passes(make_iter, epochs: int) -> list[float]:
@@ -54,10 +52,10 @@ def main() -> None:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.data.torch_reader import load_prepared, make_loader
     from pipeline.data.ray_reader import quiet_progress, split_dataset
     from pipeline.data.shards import prepare_dataset, read_manifest
     from pipeline.data.storage import S3Options, create_bucket
+    from pipeline.data.torch_reader import load_prepared, make_loader
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
@@ -112,7 +110,7 @@ def main() -> None:
     if args.no_record:
         print(table)
     else:
-        record("Data: prepare time and streaming throughput", table)
+        record("data_pipeline", "Data: prepare time and streaming throughput", table)
 
 
 if __name__ == "__main__":

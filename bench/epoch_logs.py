@@ -1,6 +1,6 @@
 """Throughput and val accuracy from the engine's epoch lines (the logs bench/reproduce.py keeps).
 
-    python bench/epoch_logs.py bench/logs/2026-11-27-h200-call1/*.log
+    python -m bench.epoch_logs bench/logs/2026-11-27-h200-call1/*.log
 
 For each log: epochs reached, median images/s over epochs 2.. (epoch 1 includes cuDNN's
 algorithm search and the loader start), the 200-epoch time that rate projects, and the best

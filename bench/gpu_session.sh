@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (PyTorch only; no Ray, no MLflow, no network), from the repo root:
+# One call on a lent GPU machine (PyTorch only; no Ray, no MLflow, no network), from the repo
+# root (the bench scripts run as modules: python3 -m bench.NAME):
 #   - install the few pure-Python packages the engine needs from carried wheels (.whl/, see
 #     BENCHMARKS.md for the pip download line),
 #   - run the CUDA tests (the captured step against the eager one),
@@ -9,8 +10,10 @@
 #     stopping what still runs when BUDGET_S seconds have passed since the script started.
 #     Runs checkpoint every CHECKPOINT_EVERY (5) epochs into $CHECKPOINTS (carry the folder:
 #     .data/ is ignored by git), so the next call, or the next session, continues them.
-# Everything worth keeping lands in $OUT (at most 8 files): BENCHMARKS.part.md, results.jsonl,
-# logs.tar.gz, and ckpt-<run>.tar per run (unpack into $CHECKPOINTS here to carry it again).
+# Everything worth keeping lands in $OUT (at most 8 files): BENCHMARKS.part.md (the benchmarks'
+# sections; merge them into BENCHMARKS.md with `python -m bench.record BENCHMARKS.part.md`),
+# results.jsonl, logs.tar.gz, and ckpt-<run>.tar per run (unpack into $CHECKPOINTS here to carry
+# it again).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
@@ -30,12 +33,13 @@ if [ -n "$WHEELS" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site "$WHEELS"/*.whl || exit 1
 fi
+LOGS=/tmp/session-logs
+mkdir -p "$LOGS"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 BENCHMARKS_FILE=$OUT/BENCHMARKS.part.md
+export BENCHMARKS_HISTORY=$LOGS/HISTORY.part.md  # a fresh part page replaces nothing
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, os; print("torch", torch.__version__, torch.cuda.get_device_name(0), os.cpu_count(), "CPUs")'
 
-LOGS=/tmp/session-logs
-mkdir -p "$LOGS"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_cuda_graph_step.py >"$LOGS/pytest.log" 2>&1
 status=$?
 tail -n 3 "$LOGS/pytest.log"
@@ -48,15 +52,15 @@ if [ $status -eq 0 ] || { [ $status -eq 1 ] && [ "$other_errors" = 0 ]; }; then
 else MODE="--set train.amp=true"; echo "CUDA tests failed: reproduce runs eager with AMP"; fi
 
 if [ "${LOADER_BENCH:-1}" = 1 ]; then
-    timeout 60 python3 bench/loader_speed.py --data "$DATA" --workers 4 12 2>&1 | tail -n 4
+    timeout 60 python3 -m bench.loader_speed --data "$DATA" --workers 4 12 2>&1 | tail -n 4
 fi
-if [ "${STEP_BENCH:-1}" = 1 ]; then timeout 90 python3 bench/train_step.py --steps 50 2>&1 | tail -n 12; fi
+if [ "${STEP_BENCH:-1}" = 1 ]; then timeout 90 python3 -m bench.train_step --steps 50 2>&1 | tail -n 12; fi
 
 # what is left of the budget, less the time to stop the runs and write the summary
 DEADLINE_MIN=$(python3 -c "print(max(1, $BUDGET_S - ($(date +%s) - $STARTED) - 20) / 60)")
 echo "reproduce: deadline in $DEADLINE_MIN min"
 # shellcheck disable=SC2086
-python3 bench/reproduce.py --config configs/cifar10_lt_if100.yaml --data "$DATA" \
+python3 -m bench.reproduce --config configs/cifar10_lt_if100.yaml --data "$DATA" \
     --seeds $SEEDS --variants $VARIANTS --parallel "$PARALLEL" --deadline-min "$DEADLINE_MIN" \
     --log-dir "$LOGS/runs" --results "$OUT/results.jsonl" --checkpoints "$CHECKPOINTS" \
     $MODE --set data.loader_workers="$WORKERS" --set train.threads=2 \

@@ -1,7 +1,7 @@
 """Images/s of the Ray-free engine's training loader alone (decode is done at load time; this
 is the per-image SHIKE augmentation, per-image seeding, collation and batching).
 
-    python bench/loader_speed.py --data .data/cifar10-lt-if100 [--workers 4 12] [--epochs 2]
+    python -m bench.loader_speed --data .data/cifar10-lt-if100 [--workers 4 12] [--epochs 2]
 
 `--data`: prepared shards (jobs/prepare_data.py) or a raw source such as ../shared/data/cifar10
 (the long-tailed split is then built in memory, as the engine does).
@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.record import record  # noqa: E402
-from bench.reproduce import data_override  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.torch_reader import load_longtailed, make_loader  # noqa: E402
+from bench.record import record
+from bench.reproduce import data_override
+from pipeline.config import load_config
+from pipeline.data.torch_reader import load_longtailed, make_loader
 
 
 def loader_images_per_s(split, cfg_data, workers: int, epochs: int, batch: int) -> float:
@@ -58,7 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     text = f"{len(split.labels)} training images, batch {cfg.optim.batch_size}\n\n{table}"
     print(text)
     if not args.no_record:
-        record("Loader: images/s of the engine's training loader", text)
+        import torch
+
+        # On the GPU machine the loader feeds the GPU: its figures are that machine's.
+        gpu = torch.cuda.is_available()
+        record(
+            "loader_gpu" if gpu else "loader",
+            f"Loader: images/s of the engine's training loader ({'GPU machine' if gpu else 'CPU'})",
+            text,
+        )
     return 0
 
 

@@ -1,7 +1,7 @@
 """What the distributed machinery costs: jobs/train.py on a Ray head node (127.0.0.1), shards
 from S3 on loopback (moto), against the bare training step on in-memory tensors.
 
-    python bench/pipeline_efficiency.py [--workers 1 2] [--epochs 3] [--head-images 500] [--no-record]
+    python -m bench.pipeline_efficiency [--workers 1 2] [--epochs 3] [--head-images 500] [--no-record]
 
 For each worker count, one `ray job submit` of jobs/train.py (SHIKE ResNet-32, global batch
 128, CIFAR-10-LT IF100 with `--head-images` images in the head class: 500 -> 1,236 training
@@ -31,11 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.record import record
+from bench.train_step import images_per_s
 
-from bench.record import record  # noqa: E402
-from bench.train_step import images_per_s  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def after_first_epoch(client, run_id: str, key: str) -> float:
@@ -171,7 +170,13 @@ def main() -> None:
     if args.no_record:
         print(table)
     else:
-        record("Pipeline efficiency: jobs/train.py against the bare training step", table)
+        # One section per epoch size: 500 head images (small epochs) and 5000 (the full split).
+        record(
+            f"pipeline_efficiency_n{args.head_images}",
+            "Pipeline efficiency: jobs/train.py against the bare training step "
+            f"({train_images:,} images an epoch)",
+            table,
+        )
 
 
 if __name__ == "__main__":

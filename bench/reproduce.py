@@ -1,6 +1,6 @@
 """Reproduce the paper recipe (and the ablation baselines) with the Ray-free engine.
 
-    python bench/reproduce.py --config configs/cifar10_lt_if100.yaml --data .data/cifar10-lt-if100 \
+    python -m bench.reproduce --config configs/cifar10_lt_if100.yaml --data .data/cifar10-lt-if100 \
         --seeds 0 1 2 --variants shike ce balanced_softmax no_dkf no_dkt [--parallel 2]
 
 Runs on any machine with PyTorch (the GPU machine has no Ray and no MLflow): `--data` is a
@@ -25,7 +25,7 @@ calls, so a run started on a GPU can continue on a CPU and the other way round.
 `--report RESULT.json ...` trains nothing: it makes the same table (with mean ± std over seeds)
 from saved results, e.g. the runs kept in bench/logs/ that different calls or sessions finished:
 
-    python bench/reproduce.py --report bench/logs/*-cpu-*-seed*/result.json
+    python -m bench.reproduce --report bench/logs/*-cpu-*-seed*/result.json
 """
 
 from __future__ import annotations
@@ -39,10 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.record import record  # noqa: E402
+from bench.record import record
 
 # The ablation table of the paper, made by our code; all share the recipe and budget.
 VARIANTS = {
@@ -156,8 +153,9 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         while jobs and len(running) < args.parallel:
             variant, seed = jobs.pop(0)
             log = log_dir / f"{variant}-seed{seed}.log"
-            cmd = [sys.executable, __file__, *passthrough, "--one", variant, str(seed)]
-            cmd += ["--result-file", str(log.with_suffix(".json"))]
+            # The child is this module again (run from the repository root, as the parent is).
+            cmd = [sys.executable, "-m", "bench.reproduce", *passthrough]
+            cmd += ["--one", variant, str(seed), "--result-file", str(log.with_suffix(".json"))]
             with open(log, "w") as fh:
                 proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
             running[(variant, seed)] = (proc, log)
@@ -269,10 +267,22 @@ def results_table(args: argparse.Namespace, results: list[dict], stopped: list[s
 
 
 def _print_or_record(args: argparse.Namespace, table: str) -> None:
+    """`--report` makes the accuracy table (section `reproduce`); a training call's table goes
+    to a section of its own (`reproduce_run`, or `reproduce_gpu` on a GPU machine), so that a
+    call that trained some of the runs does not replace the table of all of them."""
     if args.no_record:
         print(table)
+    elif args.report:
+        record("reproduce", "Reproduce: paper recipe and baselines (Ray-free engine)", table)
     else:
-        record("Reproduce: paper recipe and baselines (Ray-free engine)", table)
+        import torch
+
+        gpu = torch.cuda.is_available()
+        record(
+            "reproduce_gpu" if gpu else "reproduce_run",
+            f"Reproduce: the latest training call ({'GPU' if gpu else 'CPU'})",
+            table,
+        )
 
 
 def main() -> None:

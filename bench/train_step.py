@@ -1,6 +1,6 @@
 """Images/s of the training step at batch 128 on in-memory tensors, through the engine.
 
-    python bench/train_step.py [--batch 128] [--steps 10] [--threads N] [--no-record]
+    python -m bench.train_step [--batch 128] [--steps 10] [--threads N] [--no-record]
 
 Compares the CIFAR SHIKE model (3 experts, CE + DKT + MD) with the plain ResNet-32 baseline
 (cross-entropy), each through `TrainingSession.run_epoch` (forward, objective, backward, SGD
@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.record import record  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.engine import TrainingSession  # noqa: E402
+from bench.record import record
+from pipeline.config import load_config
+from pipeline.session import TrainingSession
 
 MODELS = {
     "SHIKE ResNet-32, 3 experts (CE+DKT+MD)": [],
@@ -97,7 +93,12 @@ def main() -> None:
     if args.no_record:
         print(table)
     else:
-        record("Training step throughput (in-memory tensors)", table)
+        gpu = device.type == "cuda"
+        record(
+            "train_step_gpu" if gpu else "train_step",
+            f"Training step throughput (in-memory tensors, {'GPU' if gpu else 'CPU'})",
+            table,
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """bench/: reproduce.py on CPU with a tiny epoch count (what a GPU lease runs), and every
-script importable.
+script runnable as `python -m bench.NAME` from the repository root.
 
 Runs outlive one call through `--checkpoints`: a finished run is reported from its saved result,
 a run whose checkpoint exists continues from it instead of training again, and a folder written
@@ -30,7 +30,7 @@ TINY = [
 
 
 def _reproduce(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "bench" / "reproduce.py"), "--config", "configs/smoke.yaml"]
+    cmd = [sys.executable, "-m", "bench.reproduce", "--config", "configs/smoke.yaml"]
     cmd += ["--data", str(tmp_path / "raw"), "--variants", "shike", "ce", "--no-record"]
     cmd += ["--checkpoints", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs"), *extra]
     for override in TINY:
@@ -95,7 +95,7 @@ def _saved_result(path: Path, variant: str, seed: int, acc: float) -> str:
 
 
 def _report(*paths: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "bench" / "reproduce.py"), "--no-record", "--report", *paths]
+    cmd = [sys.executable, "-m", "bench.reproduce", "--no-record", "--report", *paths]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -129,12 +129,67 @@ def test_report_tables_saved_results_over_seeds_and_refuses_bad_ones(tmp_path):
     assert "missing seed, test," in bad.stderr
 
 
-def test_every_bench_script_imports():
+BENCH_SCRIPTS = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__")
+
+# Run in one child process from the repository root (as `python -m` runs): import each script,
+# then check every `from X import Y` in it, those inside functions included.
+IMPORTED_NAMES_EXIST = """
+import ast, importlib, importlib.util, sys
+
+def exists(module, name):
+    source = importlib.import_module(module)
+    if hasattr(source, name):
+        return True
+    return hasattr(source, "__path__") and importlib.util.find_spec(f"{module}.{name}") is not None
+
+missing = []
+for script in sys.argv[1:]:
+    path = importlib.import_module(f"bench.{script}").__file__
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            missing += [f"bench/{script}.py: from {node.module} import {a.name}"
+                        for a in node.names if not exists(node.module, a.name)]
+sys.exit("\\n".join(missing) or None)
+"""
+
+# `python -m bench.NAME --help` for each script, in one process (torch is imported once).
+HELP_AS_MODULE = """
+import contextlib, io, runpy, sys
+
+for script in sys.argv[1:]:
+    sys.argv = [script, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_module(f"bench.{script}", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        assert exc.code in (0, None), f"bench.{script} --help exited with {exc.code}"
+    assert out.getvalue().startswith("usage:"), f"bench.{script}: {out.getvalue()[:200]}"
+"""
+
+
+def test_every_bench_script_imports_and_every_name_it_imports_exists():
     """The benchmark scripts run rarely (make bench, a GPU lease): a renamed helper must fail
-    here, not in the middle of a benchmark run."""
-    names = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__")
-    code = f"import importlib\nfor n in {names!r}: importlib.import_module('bench.' + n)\n"
+    here, not in the middle of a benchmark run, including the names a script imports inside a
+    function (its heavy imports wait until it runs)."""
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", IMPORTED_NAMES_EXIST, *BENCH_SCRIPTS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_bench_script_runs_as_a_module_from_the_repository_root():
+    """`python -m bench.NAME --help`, what the Makefile, gpu_session.sh and BENCHMARKS.md run:
+    the scripts import `bench.*` and `tests.helpers`, which the repository root provides."""
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_AS_MODULE, *BENCH_SCRIPTS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
