@@ -9,6 +9,7 @@ stored is a tensor or a plain Python container, so no pickled code is ever execu
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.data.storage import display, read_bytes, resolve
 
 CHECKPOINT_FILE = "state.pt"
 FORMAT_VERSION = 2  # 2: resume checks the stored recipe settings, not the config hash
@@ -102,4 +105,21 @@ def load_checkpoint(
                 f"checkpoint {path} was trained under another recipe ({'; '.join(differ)}): "
                 "refusing to resume it"
             )
+    return state
+
+
+def load_pretrained_weights(uri: str) -> dict[str, torch.Tensor]:
+    """A state dict the user brings (`model.pretrained`: a local path or s3://), loaded
+    weights-only: the file is never executed, only its tensors are read."""
+    fs, path = resolve(uri)
+    try:
+        blob = read_bytes(fs, path)
+    except FileNotFoundError:
+        raise CheckpointError(f"model.pretrained: no file at {display(fs, path)}") from None
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"model.pretrained: cannot load {display(fs, path)}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"model.pretrained: {display(fs, path)} is not a state dict")
     return state

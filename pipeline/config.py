@@ -55,7 +55,9 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     # Which raw dataset; decides class count and the long-tail head size (n_max).
-    dataset: Literal["cifar10", "cifar100", "imagefolder"] = "cifar100"
+    dataset: Literal[
+        "cifar10", "cifar100", "imagefolder", "imagenet_lt", "inat2018", "places_lt"
+    ] = "cifar100"
     # Raw source for the in-memory builder (a Parquet folder like ../shared/data/cifar10, a
     # cifar-*-python archive or folder). None: the CIFAR10_DIR / CIFAR100_DIR environment variable.
     source: str | None = None
@@ -70,14 +72,25 @@ class DataConfig(_Section):
     val_per_class: int = Field(20, ge=0)
     # Cap on test images per class (None: the whole official test set); smoke runs only.
     test_per_class: int | None = Field(None, ge=1)
-    augment: Literal["shike", "basic", "none"] = "shike"
+    # CIFAR: "shike" (SHIKE.md §3.1), "basic" (crop + flip), "none". Large benchmarks:
+    # "imagenet" (RandomResizedCrop + flip), "imagenet_jitter" (+ colour jitter 0.4),
+    # "randaugment" (+ RandAugment); evaluation resizes to image_size / 0.875 and centre-crops.
+    augment: Literal["shike", "basic", "none", "imagenet", "imagenet_jitter", "randaugment"] = (
+        "shike"
+    )
+    # Side of the square images the model sees (CIFAR: the images' own 32).
+    image_size: int = Field(32, ge=8)
     loader_workers: int = Field(2, ge=0)
+
+
+CIFAR_ARCHS = ("shike_resnet32", "resnet32")
 
 
 class ModelConfig(_Section):
     arch: Literal[
         "shike_resnet32",  # the paper's CIFAR network (SHIKE.md §1.1)
         "resnet32",  # single-expert baseline, same trunk
+        "shike_resnet18",  # narrow 4-stage trunk (smoke runs)
         "shike_resnet50",
         "shike_resnext50",
         "shike_resnet152",
@@ -93,6 +106,9 @@ class ModelConfig(_Section):
     adapter_final_relu: Literal["code", "on", "off"] = "code"
     head: Literal["cosine", "linear"] = "cosine"
     cosine_scale: float = Field(30.0, gt=0)
+    # A torchvision state-dict file (local path or s3://) whose weights initialise the trunk
+    # (4-stage archs; e.g. ImageNet weights for Places-LT). Loaded weights-only, never downloaded.
+    pretrained: str | None = None
 
     @model_validator(mode="after")
     def _check_sources(self) -> ModelConfig:
@@ -102,12 +118,17 @@ class ModelConfig(_Section):
                     f"model.expert_sources has {len(self.expert_sources)} entries but "
                     f"model.num_experts is {self.num_experts}"
                 )
-            max_stage = 2 if self.arch in ("shike_resnet32", "resnet32") else 3
+            max_stage = 2 if self.arch in CIFAR_ARCHS else 3
             bad = [s for s in self.expert_sources if not 1 <= s <= max_stage]
             if bad:
                 raise ValueError(
                     f"model.expert_sources {bad} out of range: shared stages are 1..{max_stage}"
                 )
+        if self.pretrained and self.arch in CIFAR_ARCHS:
+            raise ValueError(
+                f"model.pretrained takes torchvision ResNet weights: {self.arch} is a CIFAR "
+                "ResNet-32 (use a 4-stage arch, e.g. shike_resnet50)"
+            )
         return self
 
 

@@ -76,12 +76,17 @@ SERIALIZATION_FORMAT = "pickle"
 # ---- names -----------------------------------------------------------------------------------
 
 
+BENCHMARK_NAMES = {"imagenet_lt": "imagenet-lt", "inat2018": "inat2018", "places_lt": "places-lt"}
+
+
 def model_name_for(cfg: Config) -> str:
     """`cfg.tracking.model_name`, else `shike-<dataset>-lt-if<IF>` (+ `-<arch>` when the
     architecture is not the paper's shike_resnet32), e.g. shike-cifar100-lt-if100,
-    shike-cifar10-lt-if100-resnet32."""
+    shike-cifar10-lt-if100-resnet32; the large benchmarks: shike-imagenet-lt-resnext50."""
     if cfg.tracking.model_name:
         return cfg.tracking.model_name
+    if cfg.data.dataset in BENCHMARK_NAMES:  # long-tailed by their own lists: no IF to name
+        return f"shike-{BENCHMARK_NAMES[cfg.data.dataset]}-{cfg.model.arch.removeprefix('shike_')}"
     factor = cfg.data.imbalance_factor
     text = str(int(factor)) if float(factor).is_integer() else f"{factor:g}".replace(".", "p")
     name = f"shike-{cfg.data.dataset}-lt-if{text}"

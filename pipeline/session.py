@@ -22,6 +22,7 @@ from torch import nn
 from pipeline.checkpoint import (
     capture_rng_state,
     load_checkpoint,
+    load_pretrained_weights,
     restore_rng_state,
     save_checkpoint,
 )
@@ -29,7 +30,7 @@ from pipeline.config import Config, ConfigError, OptimConfig
 from pipeline.cuda_graph_step import CapturedTrainStep
 from pipeline.losses import build_objective, logit_adjustment
 from pipeline.metrics import EvalCounts
-from pipeline.models import build_model
+from pipeline.models import build_model, load_pretrained
 from pipeline.schedule import lr_at, stage_of
 from pipeline.seeding import epoch_seed
 
@@ -219,7 +220,10 @@ class TrainingSession:
         self.wrap = wrap or (lambda m: m)
         self._captured: CapturedTrainStep | None = None
         torch.manual_seed(cfg.train.seed)  # model init is a function of the seed only
-        self.model = build_model(cfg.model, len(class_counts)).to(device)
+        self.model = build_model(cfg.model, len(class_counts))
+        if cfg.model.pretrained:  # a resumed run's checkpoint overwrites these weights
+            load_pretrained(self.model, load_pretrained_weights(cfg.model.pretrained))
+        self.model = self.model.to(device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = cfg.train.amp and device.type == "cuda"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from pipeline.models.heads import NormedLinear, make_head
 from pipeline.models.inference import ExpertInference, ImageClassifier
 from pipeline.models.resnet_cifar import resnet32, shike_resnet32
-from pipeline.models.resnet_imagenet import shike_imagenet
+from pipeline.models.resnet_imagenet import load_pretrained, shike_imagenet
 from pipeline.models.shike import DepthwiseKnowledgeFusion, ExpertBranch, ShallowAdapter, ShikeNet
 
 if TYPE_CHECKING:
@@ -29,10 +29,12 @@ __all__ = [
     "ShallowAdapter",
     "ShikeNet",
     "build_model",
+    "load_pretrained",
     "make_head",
 ]
 
 _IMAGENET_ARCHS = {
+    "shike_resnet18": "resnet18",
     "shike_resnet50": "resnet50",
     "shike_resnext50": "resnext50",
     "shike_resnet152": "resnet152",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.models import (
     ExpertInference,
     ImageClassifier,
@@ -331,3 +331,55 @@ def test_shike_resnext50_and_resnet152_structure():
     assert [len(e.deep) for e in big.experts] == [3, 3, 3]
     assert big.adapter_depths == [3, 2, 1]
     assert n_params(big.stage2_head_parameters()) == 3 * 7 * 2048
+
+
+# ----------------------------------------------------------------------------- pretrained trunks
+
+
+def _resnet18_weights(path):
+    import torchvision
+
+    torch.manual_seed(7)
+    reference = torchvision.models.resnet18(weights=None, num_classes=1000)
+    torch.save(reference.state_dict(), path)
+    return reference.state_dict()
+
+
+def test_pretrained_weights_fill_the_trunk_and_every_experts_deep_stage(tmp_path):
+    """`model.pretrained` (a torchvision state dict): stem, layer1-3 and each expert's layer4
+    start from it; heads and adapters keep their own init; the 1000-class fc is ignored."""
+    from pipeline.session import TrainingSession
+
+    reference = _resnet18_weights(tmp_path / "r18.pt")
+    cfg = load_config(
+        None, ["model.arch=shike_resnet18", f"model.pretrained={tmp_path / 'r18.pt'}"]
+    )
+    model = TrainingSession(cfg, [5, 3, 2], torch.device("cpu")).model
+    own = model.state_dict()
+    assert torch.equal(own["stem.0.weight"], reference["conv1.weight"])
+    assert torch.equal(own["shared.2.1.bn2.running_var"], reference["layer3.1.bn2.running_var"])
+    for m in range(model.num_experts):
+        assert torch.equal(
+            own[f"experts.{m}.deep.0.conv1.weight"], reference["layer4.0.conv1.weight"]
+        )
+    fresh = TrainingSession(
+        load_config(None, ["model.arch=shike_resnet18"]), [5, 3, 2], torch.device("cpu")
+    ).model.state_dict()
+    untouched = [k for k in own if k.startswith(("classifiers.", "experts.0.adapter"))]
+    assert untouched and all(torch.equal(own[k], fresh[k]) for k in untouched)
+
+
+def test_pretrained_weights_of_another_architecture_are_refused(tmp_path):
+    from pipeline.checkpoint import CheckpointError, load_pretrained_weights
+    from pipeline.models import load_pretrained
+
+    _resnet18_weights(tmp_path / "r18.pt")
+    cfg = load_config(None, ["model.arch=shike_resnet50"])
+    with pytest.raises(ValueError, match=r"do not fit model: conv1.weight|layer1.0.conv1.weight"):
+        load_pretrained(
+            build_model(cfg.model, 3), load_pretrained_weights(str(tmp_path / "r18.pt"))
+        )
+    with pytest.raises(CheckpointError, match="model.pretrained: no file at .*missing.pt"):
+        load_pretrained_weights(str(tmp_path / "missing.pt"))
+    with pytest.raises(ConfigError, match="model.pretrained takes torchvision ResNet weights"):
+        load_config(None, [f"model.pretrained={tmp_path / 'r18.pt'}"])

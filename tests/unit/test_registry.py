@@ -72,6 +72,8 @@ def test_model_name_for():
     assert registry.model_name_for(cfg) == "shike-cifar100-lt-if12p5"
     cfg = build_config({"tracking": {"model_name": "custom"}})
     assert registry.model_name_for(cfg) == "custom"
+    cfg = build_config({"data": {"dataset": "imagenet_lt"}, "model": {"arch": "shike_resnext50"}})
+    assert registry.model_name_for(cfg) == "shike-imagenet-lt-resnext50"
 
 
 # ---- register --------------------------------------------------------------------------------
