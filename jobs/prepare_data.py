@@ -2,18 +2,36 @@
 
     python -m jobs.prepare_data --dataset cifar10 --source ../shared/data/cifar10 \\
         --imbalance-factor 100 --output s3://datasets/cifar10-lt-if100 --endpoint-url http://127.0.0.1:9000
+    python -m jobs.prepare_data --dataset imagenet_lt --source /data/imagenet \\
+        --output s3://datasets/imagenet-lt [--shard-mb 256] [--max-side N] [--workers N]
 
-Also runs as `python jobs/prepare_data.py ...` (the package is installed). The logic lives in
-pipeline.data.prepare (`prepare_dataset`); this file only parses arguments. Exit status: 0 on
-success, 1 with one `error: ...` line on stderr for data/storage problems, 2 for bad arguments.
+CIFAR-style datasets (cifar10, cifar100, imagefolder) are decoded, cut to a long tail and
+re-encoded (pipeline.data.prepare, `prepare_dataset`). The large benchmarks (imagenet_lt,
+inat2018, places_lt) bring their own long-tailed lists in --source, and their shards keep each
+image's own bytes (pipeline.data.prepare_lists, `prepare_benchmark`); the options of one kind
+given with the other kind are refused. Also runs as `python jobs/prepare_data.py ...` (the
+package is installed); this file only parses arguments. Exit status: 0 on success, 1 with one
+`error: ...` line on stderr for data/storage problems, 2 for bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from jobs._options import non_negative_int, positive_int
+
+if TYPE_CHECKING:
+    from pipeline.data.manifest import Manifest
+    from pipeline.data.storage import S3Options
+
+CIFAR_STYLE = ("cifar10", "cifar100", "imagefolder")
+LARGE_BENCHMARKS = ("imagenet_lt", "inat2018", "places_lt")
+CIFAR_ONLY = ("imbalance_factor", "n_max", "selection", "selection_seed", "val_per_class",
+              "test_per_class")  # fmt: skip
+LARGE_ONLY = ("max_side", "workers")
 
 
 def _positive_float(text: str) -> float:
@@ -51,15 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prepare_data",
         description=(
-            "Build the long-tailed train split (n_i = int(n_max * IF^(-i/(C-1)))), a balanced val "
-            "split from the training images it leaves unused, and the official test split; write "
-            "them as Parquet shards with manifest.json (published last)."
+            "CIFAR-style datasets: build the long-tailed train split (n_i = int(n_max * "
+            "IF^(-i/(C-1)))), a balanced val split from the training images it leaves unused, "
+            "and the official test split. ImageNet-LT, iNaturalist 2018, Places-LT: take the "
+            "splits of the community's list files in --source, keeping each image's own bytes. "
+            "Either way, write them as Parquet shards with manifest.json (published last)."
         ),
         formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--dataset",
-        choices=["cifar10", "cifar100", "imagefolder"],
+        choices=[*CIFAR_STYLE, *LARGE_BENCHMARKS],
         required=True,
         help="raw dataset kind",
     )
@@ -68,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Parquet folder (train/test.parquet), cifar-*-python.tar.gz or its extracted "
         "folder, or an image folder; default: $CIFAR10_DIR / $CIFAR100_DIR, else the "
-        "official archive is downloaded",
+        "official archive is downloaded. Large benchmarks (required): the folder holding "
+        "ImageNet_LT_*.txt, Places_LT_*.txt, or train2018.json + val2018.json (else "
+        "iNaturalist18_*.txt) beside the images",
     )
     p.add_argument(
         "--output",
@@ -76,37 +98,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write: s3://bucket/prefix, file:///abs/path or a local folder",
     )
     p.add_argument(
+        "--shard-mb",
+        type=_positive_float,
+        default=64.0,
+        help="target shard size in MB (large benchmarks: 256 unless given)",
+    )
+    cifar = p.add_argument_group("CIFAR-style datasets only (cifar10, cifar100, imagefolder)")
+    cifar.add_argument(
         "--imbalance-factor",
         type=_factor,
         default=100.0,
         help="largest / smallest class size of the train split",
     )
-    p.add_argument(
+    cifar.add_argument(
         "--n-max",
         type=positive_int,
         default=None,
         help="images of the head class; default: the smallest per-class count of the source",
     )
-    p.add_argument(
+    cifar.add_argument(
         "--selection",
         choices=["first", "shuffle"],
         default="first",
         help="first n_i images per class in source order (SHIKE), or LDAM-style seeded shuffle",
     )
-    p.add_argument("--selection-seed", type=int, default=0, help="seed of the 'shuffle' rule")
-    p.add_argument(
+    cifar.add_argument("--selection-seed", type=int, default=0, help="seed of the 'shuffle' rule")
+    cifar.add_argument(
         "--val-per-class",
         type=non_negative_int,
         default=20,
         help="balanced val images per class, from training images the train split does not use",
     )
-    p.add_argument(
+    cifar.add_argument(
         "--test-per-class",
         type=positive_int,
         default=None,
         help="cap on test images per class (smoke runs); default: the whole official test set",
     )
-    p.add_argument("--shard-mb", type=_positive_float, default=64.0, help="target shard size in MB")
+    large = p.add_argument_group("large benchmarks only (imagenet_lt, inat2018, places_lt)")
+    large.add_argument(
+        "--max-side",
+        type=positive_int,
+        default=None,
+        help="shrink images whose longer side exceeds this many pixels (re-encoded as JPEG, "
+        "quality 90); default: every image keeps its own bytes",
+    )
+    large.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="shards built and written at a time (each holds about 3 x --shard-mb of memory); "
+        "default: min(4, CPU count)",
+    )
     p.add_argument(
         "--endpoint-url",
         default=None,
@@ -130,12 +173,68 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Imported after parsing so that --help and argument errors answer without loading the
-    # data stack (pyarrow, and torch through pipeline.data.longtail).
-    from pipeline.data import DataError
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, with the options of the other dataset kind refused when given."""
+    parser = build_parser()
+    watched = (*CIFAR_ONLY, *LARGE_ONLY, "shard_mb")
+    unset = object()  # argparse leaves an attribute alone unless its option is given
+    args = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(watched, unset)))
+    given = {dest for dest in watched if getattr(args, dest) is not unset}
+    large = args.dataset in LARGE_BENCHMARKS
+    misplaced = [d for d in (CIFAR_ONLY if large else LARGE_ONLY) if d in given]
+    if misplaced:
+        options = ", ".join("--" + d.replace("_", "-") for d in misplaced)
+        kinds = LARGE_BENCHMARKS if not large else CIFAR_STYLE
+        parser.error(f"{options}: only for --dataset {' / '.join(kinds)}, not {args.dataset}")
+    if large and args.source is None:
+        parser.error(f"--source is required for --dataset {args.dataset} (the list files' folder)")
+    for dest in set(watched) - given:
+        setattr(args, dest, None if large and dest == "shard_mb" else parser.get_default(dest))
+    return args
+
+
+def _prepare(args: argparse.Namespace, s3: S3Options, log: Callable[[str], None]) -> Manifest:
+    """The prepare function of the dataset's kind, called with the arguments that apply."""
+    if args.dataset in LARGE_BENCHMARKS:
+        from pipeline.data.prepare_lists import (
+            DEFAULT_SHARD_MB,
+            DEFAULT_WORKERS,
+            prepare_benchmark,
+        )
+
+        return prepare_benchmark(
+            args.dataset,
+            args.source,
+            args.output,
+            shard_mb=args.shard_mb or DEFAULT_SHARD_MB,
+            max_side=args.max_side,
+            workers=args.workers or DEFAULT_WORKERS,
+            s3=s3,
+            log=log,
+        )
     from pipeline.data.prepare import prepare_dataset
+
+    return prepare_dataset(
+        args.dataset,
+        args.source,
+        args.output,
+        args.imbalance_factor,
+        n_max=args.n_max,
+        selection=args.selection,
+        selection_seed=args.selection_seed,
+        val_per_class=args.val_per_class,
+        test_per_class=args.test_per_class,
+        shard_mb=args.shard_mb,
+        s3=s3,
+        log=log,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Imported after parsing so that --help and argument errors answer without loading the
+    # data stack (pyarrow, Pillow, numpy).
+    from pipeline.data import DataError
     from pipeline.data.storage import S3Options, scrub
 
     def log(line: str) -> None:
@@ -150,20 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout_s=args.request_timeout,
     )
     try:
-        m = prepare_dataset(
-            args.dataset,
-            args.source,
-            args.output,
-            args.imbalance_factor,
-            n_max=args.n_max,
-            selection=args.selection,
-            selection_seed=args.selection_seed,
-            val_per_class=args.val_per_class,
-            test_per_class=args.test_per_class,
-            shard_mb=args.shard_mb,
-            s3=s3,
-            log=log,
-        )
+        m = _prepare(args, s3, log)
     except DataError as exc:
         print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return 1
@@ -174,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; nothing was published", file=sys.stderr)
         return 130
     counts = {name: s.num_rows for name, s in m.splits.items()}
+    aliases = {alias: f" (= {target})" for alias, target in (m.split_aliases or {}).items()}
     g = m.class_groups
     log(
         f"done: {m.dataset} IF {m.imbalance_factor:g} -> {args.output} | train {counts['train']:,}, "
-        f"val {counts['val']:,}, test {counts['test']:,} | many/medium/few classes "
-        f"{len(g['many'])}/{len(g['medium'])}/{len(g['few'])}"
+        f"val {counts['val']:,}, test {counts['test']:,}{aliases.get('test', '')} | "
+        f"many/medium/few classes {len(g['many'])}/{len(g['medium'])}/{len(g['few'])}"
     )
     return 0
 

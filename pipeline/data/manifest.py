@@ -9,7 +9,7 @@ file and the field.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
 from pydantic import (
@@ -18,6 +18,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -87,11 +88,47 @@ class Selection(BaseModel):
     seed: int
 
 
+class SizeStats(BaseModel):
+    min: int
+    median: int
+    max: int
+
+
 class ImageInfo(BaseModel):
-    height: int
-    width: int
+    """The shards' images. CIFAR-style datasets: every image `height` x `width`, PNG-encoded.
+    Large benchmarks (ImageNet-LT, iNaturalist 2018, Places-LT): the source files' own encoded
+    bytes (`encoding` "source", mostly JPEG), sizes varying (`height`/`width` None) and
+    described by `sizes` (the training split's min / median / max height and width)."""
+
+    height: int | None
+    width: int | None
     channels: int = 3
-    encoding: str = "png"
+    encoding: Literal["png", "source"] = "png"
+    sizes: dict[str, SizeStats] | None = None  # {"height": ..., "width": ...}
+    # "source" shards prepared with --max-side: images whose longer side exceeded it were
+    # shrunk to it and re-encoded as JPEG (the others keep their bytes); None: no image changed.
+    max_side: int | None = None
+
+    @model_validator(mode="after")
+    def _fixed_or_described(self) -> ImageInfo:
+        if (self.height is None) != (self.width is None):
+            raise ValueError("height and width are both set (fixed size) or both null (varying)")
+        if self.height is None and self.sizes is None:
+            raise ValueError("images of varying size need 'sizes' (min/median/max)")
+        return self
+
+    @property
+    def fixed_size(self) -> bool:
+        return self.height is not None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_sizes(self, handler: Any) -> dict[str, Any]:
+        # Fixed-size manifests keep the layout they always had: no "sizes" / "max_side" key.
+        data = handler(self)
+        for key in ("sizes", "max_side"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Column(BaseModel):
@@ -119,10 +156,13 @@ class Manifest(BaseModel):
     schema_version: int
     dataset: str
     source: dict[str, str]  # path, format, checksum
+    # How the long-tailed subset was drawn (CIFAR-style datasets). Benchmarks that ship their
+    # own long-tailed lists (ImageNet-LT, iNaturalist 2018, Places-LT) record their
+    # imbalance factor (max / min training images per class) and head size, and no rule.
     imbalance_factor: float
     n_max: int
-    selection: Selection
-    val_per_class: int
+    selection: Selection | None = None
+    val_per_class: int | None = None
     test_per_class: int | None = None
     num_classes: int
     class_names: list[str]
@@ -135,6 +175,10 @@ class Manifest(BaseModel):
     image: ImageInfo
     columns: list[Column]
     splits: dict[str, SplitInfo]
+    # Splits stored once and listed under two names, {"test": "val"}: iNaturalist 2018 has no
+    # held-out split besides its val set, which the literature reports as its test set, so
+    # "test" lists the very shard files of "val". Absent from the file when None.
+    split_aliases: dict[str, str] | None = None
     uri: str = Field("", exclude=True)
     filesystem: Any = Field(None, exclude=True, repr=False)
     root: str = Field("", exclude=True)
@@ -165,12 +209,32 @@ class Manifest(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _aliases_share_shards(self) -> Manifest:
+        for alias, target in (self.split_aliases or {}).items():
+            if alias not in self.splits or target not in self.splits:
+                raise ValueError(f"split_aliases: {alias} -> {target} names a split not in splits")
+            if self.splits[alias] != self.splits[target]:
+                raise ValueError(f"split_aliases: splits.{alias} must list the shards of {target}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_aliases(self, handler: Any) -> dict[str, Any]:
+        # Manifests without aliases keep the layout they always had (fixtures round-trip).
+        data = handler(self)
+        if data.get("split_aliases") is None:
+            data.pop("split_aliases", None)
+        return data
+
     @property
     def has_coarse(self) -> bool:
         return self.coarse_class_names is not None
 
     @property
     def image_shape(self) -> list[int]:
+        """[H, W, 3] of every image; only for fixed-size datasets (see `ImageInfo`)."""
+        if not self.image.fixed_size:
+            raise DataError(f"{self.uri}: the images of {self.dataset} vary in size")
         return [self.image.height, self.image.width, 3]
 
     @property

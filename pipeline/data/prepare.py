@@ -4,7 +4,7 @@
 Every split is encoded as PNG and cut into shards of about `shard_mb` MB; each shard is
 serialised in memory, named by its content hash, and uploaded (skipped when an identical file
 is already there); the manifest is published last and then shards of earlier versions are
-removed. The bytes depend only on the inputs (no timestamps; PNG and Parquet output is
+removed (`publish`). The bytes depend only on the inputs (no timestamps; PNG and Parquet output is
 deterministic for a given Pillow/pyarrow), so a re-run with the same inputs is a no-op. A
 failure before the manifest is written publishes nothing: readers still see the previous
 manifest (if any) and every shard it lists.
@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import time
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipeline.data import DataError
 from pipeline.data.images import encode_png
@@ -32,9 +29,7 @@ from pipeline.data.longtail import (
     class_counts_of,
 )
 from pipeline.data.manifest import (
-    MANIFEST_NAME,
     SCHEMA_VERSION,
-    SPLITS,
     TRAIN_ROW_ORDER,
     TRAIN_ROW_ORDER_SEED,
     Column,
@@ -45,27 +40,19 @@ from pipeline.data.manifest import (
     SplitInfo,
     shard_schema,
 )
+from pipeline.data.publish import Log, parquet_bytes, publish_manifest, same_file, shard_ranges
 from pipeline.data.raw import RawDataset, RawSplit
 from pipeline.data.sources import load_raw_dataset
 from pipeline.data.storage import (
     S3Options,
     check_access,
-    display,
-    file_size,
     join,
-    read_bytes,
     resolve,
     write_bytes,
 )
 
 DEFAULT_SHARD_MB = 64.0
-ROW_GROUP_ROWS = 4096
-ZSTD_LEVEL = 3
 ENCODE_PROGRESS_MIN_IMAGES = 4000  # smaller splits encode in a moment: no progress lines
-_SHARD_RE = re.compile(r"^part-\d{5}-[0-9a-f]{16}\.parquet$")
-_TMP_RE = re.compile(r"\.tmp-[0-9a-f]{12}$")
-
-Log = Callable[[str], None]
 
 
 def _quiet(_: str) -> None:
@@ -84,46 +71,6 @@ def _encode_with_progress(images: np.ndarray, log: Log, what: str) -> list[bytes
     return pngs
 
 
-def _shard_ranges(sizes: Sequence[int], target_bytes: int) -> list[tuple[int, int]]:
-    """Consecutive [start, end) row ranges of about target_bytes of image data each."""
-    ranges, start, acc = [], 0, 0
-    for i, s in enumerate(sizes):
-        acc += s
-        if acc >= target_bytes:
-            ranges.append((start, i + 1))
-            start, acc = i + 1, 0
-    if start < len(sizes):
-        ranges.append((start, len(sizes)))
-    return ranges
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    cols = [c for c in ("label", "coarse_label") if c in table.column_names]
-    pq.write_table(
-        table,
-        sink,
-        row_group_size=ROW_GROUP_ROWS,
-        compression="zstd",
-        compression_level=ZSTD_LEVEL,
-        use_dictionary=cols,
-        write_statistics=cols,
-        write_page_index=False,
-        store_schema=True,
-    )
-    return sink.getvalue().to_pybytes()
-
-
-def _same_file(fs: pafs.FileSystem, path: str, size: int, sha: str) -> bool:
-    """True when `path` already holds exactly these bytes (so the write can be skipped)."""
-    if file_size(fs, path) != size:
-        return False
-    try:
-        return hashlib.sha256(read_bytes(fs, path)).hexdigest() == sha
-    except FileNotFoundError:
-        return False
-
-
 def _write_split(
     fs: pafs.FileSystem,
     root: str,
@@ -139,7 +86,7 @@ def _write_split(
         return []
     log(f"{name}: encoding {n:,} images as PNG")
     pngs = _encode_with_progress(split.images, log, name)
-    ranges = _shard_ranges([len(b) for b in pngs], target_bytes)
+    ranges = shard_ranges([len(b) for b in pngs], target_bytes)
     shards = []
     for k, (a, b) in enumerate(ranges):
         columns = {
@@ -150,11 +97,11 @@ def _write_split(
         if with_coarse:
             assert split.coarse_labels is not None
             columns["coarse_label"] = split.coarse_labels[a:b]
-        data = _parquet_bytes(pa.table(columns, schema=shard_schema(with_coarse)))
+        data = parquet_bytes(pa.table(columns, schema=shard_schema(with_coarse)))
         sha = hashlib.sha256(data).hexdigest()
         rel = f"{name}/part-{k:05d}-{sha[:16]}.parquet"
         path = join(root, rel)
-        if _same_file(fs, path, len(data), sha):
+        if same_file(fs, path, len(data), sha):
             verb = "unchanged"
         else:
             write_bytes(fs, path, data)
@@ -164,29 +111,6 @@ def _write_split(
         )
         shards.append(ShardInfo(path=rel, num_rows=b - a, bytes=len(data), sha256=sha))
     return shards
-
-
-def _remove_stale(fs: pafs.FileSystem, root: str, manifest: Manifest, log: Log) -> None:
-    """After publishing: delete shard files (and temp files) of earlier versions."""
-    keep = {s.path for info in manifest.splits.values() for s in info.shards}
-    for name in SPLITS:
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(join(root, name), allow_not_found=True))
-        except OSError:
-            continue
-        for info in infos:
-            base = info.path.rsplit("/", 1)[-1]
-            rel = f"{name}/{base}"
-            if (
-                info.type == pafs.FileType.File
-                and rel not in keep
-                and (_SHARD_RE.match(base) or _TMP_RE.search(base))
-            ):
-                try:
-                    fs.delete_file(info.path)
-                    log(f"removed stale {rel}")
-                except OSError:
-                    pass
 
 
 def write_dataset(
@@ -245,14 +169,7 @@ def write_dataset(
         filesystem=fs,
         root=root,
     )
-    blob = manifest.to_json()
-    mpath = join(root, MANIFEST_NAME)
-    if _same_file(fs, mpath, len(blob), hashlib.sha256(blob).hexdigest()):
-        log(f"manifest unchanged: {display(fs, mpath)}")
-    else:
-        write_bytes(fs, mpath, blob)
-        log(f"published {display(fs, mpath)}")
-    _remove_stale(fs, root, manifest, log)
+    publish_manifest(fs, root, manifest, log)
     return manifest
 
 

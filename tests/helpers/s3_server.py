@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -52,10 +53,13 @@ class MotoServer:
         last = None
         for _ in range(3):  # the free port can be taken between probe and bind: retry
             self.port = free_port()
+            # Its log goes to a file: moto writes a line per request, and a pipe nobody reads
+            # fills after about 450 requests and then blocks the server for good.
+            self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop)
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=self.log,
                 env=env,
             )
             deadline = time.monotonic() + self.start_timeout_s
@@ -66,6 +70,8 @@ class MotoServer:
                 except OSError as exc:
                     last = exc
                     time.sleep(0.1)
+            self.log.seek(0)
+            last = f"{last}; its log ends: {self.log.read()[-2000:].decode(errors='replace')}"
             self.stop()
         raise RuntimeError(f"moto server did not start: {last}")
 
@@ -77,8 +83,7 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
+            self.log.close()
             self.proc = None
 
     def __enter__(self) -> MotoServer:
