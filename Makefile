@@ -49,6 +49,8 @@ bench: install
 	$(BIN)/python -m bench.loader_speed --data $(CIFAR10_DIR) --workers 2
 	$(BIN)/python -m bench.data_pipeline --epochs 2
 	$(BIN)/python -m bench.pipeline_efficiency --workers 1 2 --epochs 3
+	$(BIN)/python -m bench.decode_speed
+	$(BIN)/python -m bench.prepare_throughput
 
 bench-asha: install
 	$(BIN)/python -m bench.asha_savings

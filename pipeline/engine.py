@@ -1,8 +1,10 @@
 """The Ray-free engine: the SHIKE recipe on one machine with PyTorch alone (no Ray, no MLflow).
 
-It drives `pipeline.fit` with torch DataLoaders over the decoded splits and keeps its checkpoint
-in a local folder; the GPU machine (which has neither Ray nor MLflow) trains the paper recipe
-with it.
+It drives `pipeline.fit` with torch DataLoaders and keeps its checkpoint in a local folder; the
+GPU machine (which has neither Ray nor MLflow) trains the paper recipe with it. Input: CIFAR-style
+datasets are decoded whole into memory (pipeline.data.torch_reader); datasets of source images
+(`data.uri` whose manifest says `image.encoding: source`: ImageNet-LT, iNaturalist 2018,
+Places-LT) are streamed shard by shard (pipeline.data.stream_reader).
 
     python -m pipeline.engine --config configs/smoke.yaml [--set optim.epochs=4 ...]
 """
@@ -12,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,10 +23,82 @@ import torch
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config, ConfigError, add_override_argument, load_config
 from pipeline.data import DataError
+from pipeline.data.manifest import Manifest
+from pipeline.data.stream_reader import make_stream_loader, source_manifest
 from pipeline.data.torch_reader import load_longtailed, make_loader
 from pipeline.fit import EpochEnd, fit
 from pipeline.seeding import epoch_seed
 from pipeline.session import NonFiniteLossError, TrainingSession, resolve_device
+
+EVAL_BATCH = 256
+
+
+@dataclass
+class Inputs:
+    """What the run reads: each epoch's training batches and the evaluation splits' batches."""
+
+    summary: str  # "<dataset> train N / val N / test N images, C classes"
+    class_counts: list[int]
+    train_batches: Callable[[int], Iterable]
+    val_batches: Iterable | None
+    test_batches: Iterable | None
+
+
+def in_memory_inputs(cfg: Config, pin: bool) -> Inputs:
+    """CIFAR-style splits decoded whole; one loader per split for the whole run (its workers
+    live as long as it does, see make_loader)."""
+    data = load_longtailed(cfg.data)
+    train = make_loader(
+        data.train, cfg.data, cfg.optim.batch_size, train=True, pin_memory=pin, persistent=True
+    )
+
+    def train_batches(epoch: int):
+        train.sampler.set_seed(epoch_seed(cfg.train.seed, epoch))
+        return train
+
+    def evaluation(split, persistent: bool = False):
+        return make_loader(
+            split, cfg.data, EVAL_BATCH, False, pin_memory=pin, persistent=persistent
+        )
+
+    return Inputs(
+        summary=f"{data.name} train {len(data.train.labels)} / val {len(data.val.labels)} / "
+        f"test {len(data.test.labels)} images, {data.num_classes} classes",
+        class_counts=data.class_counts,
+        train_batches=train_batches,
+        val_batches=evaluation(data.val, persistent=True) if len(data.val.labels) else None,
+        test_batches=evaluation(data.test),
+    )
+
+
+def streamed_inputs(cfg: Config, manifest: Manifest, pin: bool) -> Inputs:
+    """Source images streamed from the shards, decoded and augmented in the loader workers."""
+    train = make_stream_loader(
+        manifest, "train", cfg.data, cfg.optim.batch_size, train=True, pin_memory=pin
+    )
+
+    def train_batches(epoch: int):
+        train.dataset.set_seed(epoch_seed(cfg.train.seed, epoch))
+        return train
+
+    def evaluation(split: str, per_class: int | None = None):
+        info = manifest.splits.get(split)
+        if info is None or not info.num_rows:
+            return None
+        return make_stream_loader(
+            manifest, split, cfg.data, EVAL_BATCH, False, pin_memory=pin, per_class=per_class
+        )
+
+    val, test = evaluation("val"), evaluation("test", cfg.data.test_per_class)
+    rows = [0 if loader is None else loader.dataset.num_rows for loader in (train, val, test)]
+    return Inputs(
+        summary=f"{manifest.dataset} train {rows[0]} / val {rows[1]} / test {rows[2]} images "
+        f"(streamed at {cfg.data.image_size} px), {manifest.num_classes} classes",
+        class_counts=list(manifest.class_counts),
+        train_batches=train_batches,
+        val_batches=val,
+        test_batches=test,
+    )
 
 
 def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
@@ -33,39 +108,25 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms
-    data = load_longtailed(cfg.data)
-    log(
-        f"data: {data.name} train {len(data.train.labels)} / val {len(data.val.labels)} / "
-        f"test {len(data.test.labels)} images, {data.num_classes} classes; device {device}"
-    )
-    session = TrainingSession(cfg, data.class_counts, device)
+    pin = device.type == "cuda"
+    manifest = source_manifest(cfg.data)
+    inputs = in_memory_inputs(cfg, pin) if manifest is None else streamed_inputs(cfg, manifest, pin)
+    log(f"data: {inputs.summary}; device {device}")
+    session = TrainingSession(cfg, inputs.class_counts, device)
     if checkpoint_dir and (Path(checkpoint_dir) / "state.pt").exists():
         session.restore(checkpoint_dir)
         log(f"resumed from {checkpoint_dir} at epoch {session.epoch}")
-
-    pin = device.type == "cuda"
-    # One loader for the whole run: its workers live as long as it does (see make_loader).
-    train_loader = make_loader(
-        data.train, cfg.data, cfg.optim.batch_size, train=True, pin_memory=pin, persistent=True
-    )
-
-    def train_batches(epoch: int):
-        train_loader.sampler.set_seed(epoch_seed(cfg.train.seed, epoch))
-        return train_loader
 
     def save_when_due(end: EpochEnd) -> None:
         if checkpoint_dir and end.checkpoint_due:
             session.save(checkpoint_dir)
 
-    def eval_loader(split, persistent: bool = False):
-        return make_loader(split, cfg.data, 256, train=False, pin_memory=pin, persistent=persistent)
-
     started = time.perf_counter()
     ends = fit(
         session,
-        train_batches,
-        val_batches=eval_loader(data.val, persistent=True) if len(data.val.labels) else None,
-        test_batches=eval_loader(data.test),
+        inputs.train_batches,
+        val_batches=inputs.val_batches,
+        test_batches=inputs.test_batches,
         on_epoch_end=save_when_due,
         log=log,
     )
@@ -76,7 +137,7 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     ]
     return {
         "history": history,
-        "test": ends[-1].test.results,
+        "test": ends[-1].test.results if ends[-1].test is not None else None,
         "session": session,
         "wall_seconds": time.perf_counter() - started,
     }

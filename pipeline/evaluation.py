@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline import registry, tracking
 from pipeline.data import DataError
-from pipeline.data.shards import Manifest, load_split, read_manifest
+from pipeline.data.shards import Manifest, evaluation_batches, load_split, read_manifest
 from pipeline.mlflow_store import check_tracking_server, resolve_tracking_uri
 from pipeline.model_versions import (
     TAG_RUN_ID,
@@ -38,6 +38,7 @@ from pipeline.scoring import (
     batch_ranges,
     check_batch_size,
     count_predictions,
+    score_batch,
     sum_batch_counts,
 )
 
@@ -162,16 +163,29 @@ def evaluate_model(
         names = registry.class_names_of(load_uri, tracking_uri=uri)
     check_classes(_describe(model_uri, mv), names, manifest)
 
-    data = load_split(manifest, split)
-    counts = count_split_predictions(
-        classifier,
-        data.images,
-        data.labels,
-        manifest.num_classes,
-        batch_size=batch_size,
-        workers=workers,
-        cpus_per_worker=cpus_per_worker,
-    )
+    if manifest.image.fixed_size:
+        data = load_split(manifest, split)
+        counts = count_split_predictions(
+            classifier,
+            data.images,
+            data.labels,
+            manifest.num_classes,
+            batch_size=batch_size,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+        )
+    else:
+        if workers > 1:
+            raise EvaluationError(
+                f"dataset {manifest.uri} holds images of varying size, which are scored in "
+                "this process: use --workers 1"
+            )
+        image_size = int(registry.model_metadata(load_uri, tracking_uri=uri).get("image_size", 0))
+        if image_size <= 0:
+            raise EvaluationError(f"model {_describe(model_uri, mv)} records no image_size")
+        batches = evaluation_batches(manifest, split, image_size, batch_size)
+        flats = [score_batch(classifier, x, y, manifest.num_classes) for x, y in batches]
+        counts = sum_batch_counts(flats, manifest.num_classes)
     results = counts.compute(class_counts=manifest.class_counts)
     source_run = None
     if mv is not None:

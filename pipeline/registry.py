@@ -277,8 +277,9 @@ def load_pyfunc(model_uri: str, *, tracking_uri: str | None = None) -> Any:
             raise RegistryError(f"cannot load {model_uri}: {exc.message}") from exc
 
 
-def class_names_of(model_uri: str, *, tracking_uri: str | None = None) -> list[str]:
-    """Class names stored with the model (MLmodel metadata; only the MLmodel file is read)."""
+def model_metadata(model_uri: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The metadata `log_and_register` stored in the model's MLmodel file (only that file is
+    read): class_names, image_size, the input's description."""
     uri = resolve_tracking_uri(tracking_uri)
     target = pinned_model_uri(model_uri, tracking_uri=uri)
     with mlflow_uris(uri):
@@ -286,7 +287,12 @@ def class_names_of(model_uri: str, *, tracking_uri: str | None = None) -> list[s
             info = mlflow.models.get_model_info(target)
         except MlflowException as exc:
             raise RegistryError(f"cannot read {model_uri}: {exc.message}") from exc
-    names = (info.metadata or {}).get("class_names")
+    return dict(info.metadata or {})
+
+
+def class_names_of(model_uri: str, *, tracking_uri: str | None = None) -> list[str]:
+    """Class names stored with the model."""
+    names = model_metadata(model_uri, tracking_uri=tracking_uri).get("class_names")
     if not names:
         raise RegistryError(f"{model_uri} carries no class_names metadata")
     return [str(n) for n in names]

@@ -11,12 +11,17 @@ Modules
                    Parquet files), `cifar_archives` (official cifar-10/100 python archives),
                    `image_folder` (a folder per class)
 - `images`         PNG encode / decode
+- `decode`         encoded bytes (JPEG, PNG, ...) -> uint8 RGB tensors (the streaming readers)
 - `storage`        URI (`file:///abs`, bare path, `s3://bucket/prefix`) -> pyarrow filesystem
 - `manifest`       the `manifest.json` model (pydantic) and its reader
 - `prepare`        long-tailed splits -> Parquet shards + manifest (atomic publish)
+- `lt_lists`       ImageNet-LT / Places-LT / iNaturalist 2018 list files and JSON
+- `prepare_lists`  those lists -> shards of the source files' own bytes (`source_shards`,
+                   `source_images`; publishing shared with `prepare` in `publish`)
 - `shards`         the verifying shard reader (`load_split`, `verify_split`)
 - `transforms`     the SHIKE.md §3.1 augmentation
 - `torch_reader`   the Ray-free reader: decoded splits and torch DataLoaders
+- `stream_reader`  the Ray-free streaming reader of source-encoded shards (sizes vary)
 - `ray_reader`     Ray Data datasets over the shards (the Ray Train workers' input)
 """
 

@@ -1,10 +1,15 @@
 """Ray Data datasets over prepared shards (the per-worker input of Ray Train).
 
 Reads the shards a manifest vouches for (verified first: sha256, rows, schema) with an explicit
-pyarrow filesystem and column projection, decodes PNGs and applies the SHIKE.md §3.1 transforms
-in `map_batches` (the same `build_transform` the Ray-free reader uses; each image's random
+pyarrow filesystem and column projection, decodes the images and applies the transforms in
+`map_batches` (the same `build_transform` the Ray-free readers use; each image's random
 transform seeded from the run's seed, the epoch and its sample id), and shuffles files per
-epoch plus a seeded local buffer in the consumer. Ray is imported here and in distributed/ only.
+epoch plus a seeded local buffer in the consumer. Two kinds of dataset:
+- fixed-size PNG shards (CIFAR): decoded as one array, the CIFAR presets at the stored size;
+- "source" shards (the large benchmarks' original JPEGs, sizes varying): each image decoded
+  on its own (pipeline.data.decode) and brought to `image_size` by an ImageNet-style preset,
+  so Ray Train workers get fixed-size float batches either way.
+Ray is imported here and in distributed/ only.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from contextlib import contextmanager
 
 import numpy as np
 import ray
+import torch
 
 from pipeline.data import DataError
+from pipeline.data.decode import decode_rgb
 from pipeline.data.shards import (
     TRAIN_ROW_ORDER,
     Manifest,
@@ -25,10 +32,20 @@ from pipeline.data.shards import (
 )
 from pipeline.data.sources import decode_images
 from pipeline.data.storage import S3Options
-from pipeline.data.transforms import apply_to_batch, build_transform
+from pipeline.data.transforms import (
+    apply_to_batch,
+    build_transform,
+    require_resizing_preset,
+    transform_seeded,
+)
 from pipeline.seeding import augmentation_seed, epoch_seed
 
 COLUMNS = ["image", "label", "sample_id"]  # the id keys each image's augmentation seed
+# Rows per `map_batches` call. Source images leave it as float32 at image_size: 64 of them at
+# 224 px make a 38 MB block (256 would exceed Ray Data's 128 MiB target block size) and about
+# 0.15 s of one core's work, so the first batch does not wait for a long task.
+PNG_TASK_ROWS = 256
+SOURCE_TASK_ROWS = 64
 
 
 def _execution_index() -> int:
@@ -43,25 +60,43 @@ def _execution_index() -> int:
     return ray.data.DataContext.get_current()._execution_idx
 
 
+def _decode_sources(
+    blobs: np.ndarray, sample_ids: np.ndarray, augment: str, train: bool, image_size: int, seeds
+) -> torch.Tensor:
+    """Source images of any size, one by one -> float NCHW at image_size."""
+    transform = build_transform(augment, train=train, image_size=image_size)
+    out = []
+    for i, (blob, sample_id) in enumerate(zip(blobs, sample_ids, strict=True)):
+        image = decode_rgb(blob, f"sample {sample_id}")
+        out.append(
+            transform(image) if seeds is None else transform_seeded(transform, image, seeds[i])
+        )
+    return torch.stack(out)
+
+
 def decode_and_transform(
     batch: dict[str, np.ndarray],
     augment: str,
     train: bool,
     seed: int | None = None,
     with_ids: bool = False,
+    image_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """PNG bytes -> normalised float NCHW batch. The train transform is random per image:
+    """Encoded images -> normalised float NCHW batch: PNGs of one size as stored (image_size
+    None), source images of any size at `image_size`. The train transform is random per image:
     seeded per image and epoch from `seed` (pipeline.seeding), unseeded without."""
-    images = decode_images(list(batch["image"]), "shard rows")
-    transform = build_transform(augment, train=train)
     seeds = None
     if train and seed is not None:
         epoch = epoch_seed(seed, _execution_index())
         seeds = [augmentation_seed(epoch, sample_id) for sample_id in batch["sample_id"]]
-    out = {
-        "image": apply_to_batch(transform, images, seeds).numpy(),
-        "label": batch["label"].astype(np.int64),
-    }
+    if image_size is None:
+        images = decode_images(list(batch["image"]), "shard rows")
+        pixels = apply_to_batch(build_transform(augment, train=train), images, seeds)
+    else:
+        pixels = _decode_sources(
+            batch["image"], batch["sample_id"], augment, train, image_size, seeds
+        )
+    out = {"image": pixels.numpy(), "label": batch["label"].astype(np.int64)}
     if with_ids:
         out["sample_id"] = batch["sample_id"]
     return out
@@ -96,16 +131,24 @@ def split_dataset(
     train: bool = False,
     seed: int | None = 0,
     verify: bool = True,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     with_ids: bool = False,
+    image_size: int | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of one split: rows {"image": float32 (3,H,W), "label": int64} (plus the
-    source's "sample_id" with `with_ids`).
+    source's "sample_id" with `with_ids`). H = W = `image_size` for a "source" dataset (which
+    needs it, and an ImageNet-style `augment`); PNG datasets keep their stored size.
+    `batch_size`: rows per decode task call (None: PNG_TASK_ROWS / SOURCE_TASK_ROWS).
 
     Training splits reshuffle the shard order on every execution (each epoch) and augment each
     image from `seed` (None: unseeded). With the output order pinned (`preserve_order`), an
     epoch's rows and pixels are then a function of (seed, epoch) alone.
     """
+    source = manifest.image.encoding == "source"
+    if source:
+        if image_size is None:
+            raise ValueError(f"{manifest.uri}: images of varying size need an image_size")
+        require_resizing_preset(augment, manifest.uri)
     if verify:
         verify_split(manifest, split)
     fs, paths = shard_files(manifest, split)
@@ -115,8 +158,14 @@ def split_dataset(
     ds = ds.select_columns(COLUMNS)
     return ds.map_batches(
         decode_and_transform,
-        fn_kwargs={"augment": augment, "train": train, "seed": seed, "with_ids": with_ids},
-        batch_size=batch_size,
+        fn_kwargs={
+            "augment": augment,
+            "train": train,
+            "seed": seed,
+            "with_ids": with_ids,
+            "image_size": image_size if source else None,
+        },
+        batch_size=batch_size or (SOURCE_TASK_ROWS if source else PNG_TASK_ROWS),
         batch_format="numpy",
     )
 
@@ -130,9 +179,14 @@ def quiet_progress() -> None:
 
 
 def training_datasets(
-    uri: str, augment: str, seed: int, s3: S3Options | None = None
+    uri: str,
+    augment: str,
+    seed: int,
+    s3: S3Options | None = None,
+    image_size: int | None = None,
 ) -> tuple[Manifest, dict[str, ray.data.Dataset]]:
-    """Manifest + {"train", "val", "test"} datasets for a TorchTrainer."""
+    """Manifest + {"train", "val", "test"} datasets for a TorchTrainer. `image_size`
+    (data.image_size) is the side of the batches' images for "source" datasets."""
     quiet_progress()
     manifest = read_manifest(uri, s3)
     if manifest.train_row_order != TRAIN_ROW_ORDER:
@@ -144,8 +198,9 @@ def training_datasets(
             f"jobs/prepare_data.py again with the same arguments to rewrite them in "
             f"{TRAIN_ROW_ORDER} order (the Ray-free engine reads either)"
         )
-    datasets = {"train": split_dataset(manifest, "train", augment=augment, train=True, seed=seed)}
+    common = {"augment": augment, "image_size": image_size}
+    datasets = {"train": split_dataset(manifest, "train", train=True, seed=seed, **common)}
     for split in ("val", "test"):
         if split in manifest.splits and manifest.splits[split].num_rows:
-            datasets[split] = split_dataset(manifest, split, augment=augment, train=False)
+            datasets[split] = split_dataset(manifest, split, train=False, **common)
     return manifest, datasets

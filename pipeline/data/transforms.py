@@ -1,26 +1,44 @@
-"""Image transforms of SHIKE.md §3.1, shared by every reader (engine, Ray Data, evaluation).
+"""Image transforms shared by every reader (engine, Ray Data, evaluation).
 
-Train ("shike"): RandomCrop 32 pad 4 -> horizontal flip -> AutoAugment (CIFAR-10 policy, fill
-128) -> to float -> Cutout (one 16x16 hole, centre uniform, clipped at borders) -> normalise
-with CIFAR-10 statistics. Test: to float -> normalise. All randomness comes from torch's RNG, so
-seeding torch makes augmentation reproducible (the engine's loader: per epoch and loader worker;
-Ray Data tasks: per image).
+CIFAR presets (SHIKE.md §3.1), for images already at the model's size:
+- "shike": RandomCrop 32 pad 4 -> horizontal flip -> AutoAugment (CIFAR-10 policy, fill 128)
+  -> to float -> Cutout (one 16x16 hole, centre uniform, clipped at borders) -> normalise;
+- "basic": crop + flip; "none": nothing random. Evaluation: to float -> normalise.
+Normalised with CIFAR-10 statistics.
 
-Inputs are uint8 HWC numpy arrays (the decoded pixels); outputs float CHW tensors.
+ImageNet-style presets, for images of any size (the large benchmarks' source JPEGs):
+- "imagenet": RandomResizedCrop(image_size) -> horizontal flip;
+- "imagenet_jitter": + ColorJitter(brightness, contrast, saturation 0.4);
+- "randaugment": + RandAugment (torchvision's defaults: 2 ops, magnitude 9).
+Evaluation: resize the shorter side to image_size / 0.875, centre crop image_size. Normalised
+with ImageNet statistics.
+
+All randomness comes from torch's default CPU generator, so reseeding it per image makes
+augmentation reproducible (`transform_seeded`; pipeline.seeding gives the per-image seed).
+Inputs are uint8 CHW tensors (or HWC numpy arrays via `to_chw_tensor`); outputs float CHW.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from pipeline.data import DataError
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CIFAR_AUGMENTS = ("shike", "basic", "none")
+IMAGENET_AUGMENTS = ("imagenet", "imagenet_jitter", "randaugment")
+# Evaluation of the ImageNet-style presets: resize so that the centre crop keeps 87.5% of the
+# shorter side (224 of 256), the usual ImageNet protocol.
+EVAL_CROP_FRACTION = 0.875
 
 
 class Cutout(nn.Module):
@@ -46,14 +64,29 @@ class Cutout(nn.Module):
         return img
 
 
-def build_transform(
-    kind: Literal["shike", "basic", "none"],
-    train: bool,
-    image_size: int = 32,
-    mean: tuple[float, ...] = CIFAR_MEAN,
-    std: tuple[float, ...] = CIFAR_STD,
-) -> v2.Compose:
-    """Transform from a uint8 CHW tensor to a normalised float CHW tensor."""
+def normalization(augment: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) that an `augment` preset normalises with; the inference wrapper that the
+    registry packages must use the same."""
+    if augment in CIFAR_AUGMENTS:
+        return CIFAR_MEAN, CIFAR_STD
+    if augment in IMAGENET_AUGMENTS:
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise ValueError(
+        f"unknown augment {augment!r}; expected one of {CIFAR_AUGMENTS + IMAGENET_AUGMENTS}"
+    )
+
+
+def require_resizing_preset(augment: str, dataset: str) -> None:
+    """Images of varying size (the large benchmarks' source files) need a preset that brings
+    every image to image_size; the CIFAR presets keep the input's size."""
+    if augment not in IMAGENET_AUGMENTS:
+        raise DataError(
+            f"data.augment={augment!r} keeps each image's own size, but {dataset} holds images "
+            f"of varying size: use one of {', '.join(IMAGENET_AUGMENTS)}"
+        )
+
+
+def _cifar_steps(kind: str, train: bool, image_size: int) -> list[nn.Module]:
     steps: list[nn.Module] = []
     if train and kind in ("shike", "basic"):
         steps += [v2.RandomCrop(image_size, padding=4), v2.RandomHorizontalFlip()]
@@ -62,8 +95,40 @@ def build_transform(
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if train and kind == "shike":
         steps.append(Cutout(16))
-    steps.append(v2.Normalize(mean, std))
-    return v2.Compose(steps)
+    return steps
+
+
+def evaluation_crop(image_size: int) -> v2.Compose:
+    """The ImageNet-style presets' evaluation geometry alone, uint8 in and out: the shorter
+    side resized to image_size / 0.875, then the centre image_size square. This is what
+    the registered model (which takes uint8 images at image_size and normalises them itself)
+    should be fed from images of any size."""
+    resize = round(image_size / EVAL_CROP_FRACTION)
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
+
+
+def _imagenet_steps(kind: str, train: bool, image_size: int) -> list[nn.Module]:
+    if not train:
+        steps = [evaluation_crop(image_size)]
+    else:
+        steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        if kind == "imagenet_jitter":
+            steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
+        elif kind == "randaugment":
+            steps.append(v2.RandAugment())
+    # Geometry and colour ops run on uint8 (torch's fast uint8 resampling); float comes last.
+    return [*steps, v2.ToDtype(torch.float32, scale=True)]
+
+
+def build_transform(kind: str, train: bool, image_size: int = 32) -> v2.Compose:
+    """Transform from a uint8 CHW tensor to a normalised float CHW tensor; the ImageNet-style
+    presets output image_size x image_size whatever the input's size."""
+    mean, std = normalization(kind)
+    if kind in CIFAR_AUGMENTS:
+        steps = _cifar_steps(kind, train, image_size)
+    else:
+        steps = _imagenet_steps(kind, train, image_size)
+    return v2.Compose([*steps, v2.Normalize(mean, std)])
 
 
 def to_chw_tensor(image_hwc: np.ndarray) -> torch.Tensor:
@@ -71,20 +136,27 @@ def to_chw_tensor(image_hwc: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image_hwc)).permute(2, 0, 1)
 
 
+def transform_seeded(transform: v2.Compose, image: torch.Tensor, seed: int) -> torch.Tensor:
+    """`transform(image)` with torch's default CPU generator reseeded first, so the image's
+    random transform depends on `seed` alone, not on which batch, worker or process runs it
+    (`torch.default_generator.manual_seed`: ~1.5 us, against ~300 us for `torch.manual_seed`,
+    which also seeds every accelerator backend). The caller's generator state is consumed."""
+    torch.default_generator.manual_seed(seed)
+    return transform(image)
+
+
 def apply_to_batch(
     transform: v2.Compose, images_nhwc: np.ndarray, seeds: Sequence[int] | None = None
 ) -> torch.Tensor:
     """Transform each image of a uint8 NHWC batch independently; returns float NCHW.
 
-    With `seeds` (one per image), torch's default CPU generator is reseeded before each image,
-    so an image's random transform depends on its seed alone, not on which batch or process
-    transforms it (`torch.default_generator.manual_seed`: ~1.5 us, against ~300 us for
-    `torch.manual_seed`, which also seeds every accelerator backend).
+    With `seeds` (one per image), each image is transformed by `transform_seeded`.
     """
     if seeds is None:
         return torch.stack([transform(to_chw_tensor(img)) for img in images_nhwc])
-    out = []
-    for img, seed in zip(images_nhwc, seeds, strict=True):
-        torch.default_generator.manual_seed(seed)
-        out.append(transform(to_chw_tensor(img)))
-    return torch.stack(out)
+    return torch.stack(
+        [
+            transform_seeded(transform, to_chw_tensor(img), seed)
+            for img, seed in zip(images_nhwc, seeds, strict=True)
+        ]
+    )

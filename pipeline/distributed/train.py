@@ -24,7 +24,7 @@ from pipeline.config import Config
 from pipeline.data.ray_reader import training_datasets
 from pipeline.data.shards import Manifest
 from pipeline.data.storage import is_s3, resolve
-from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
+from pipeline.data.transforms import normalization
 from pipeline.distributed.worker import train_loop_per_worker
 from pipeline.models import build_model
 from pipeline.session import NonFiniteLossError
@@ -118,7 +118,9 @@ def open_tracked_run(
 ):
     """Datasets from the manifest, the run's MLflow run (created or resumed by run name, config
     and manifest logged) and the per-worker loop config: (manifest, datasets, logger, loop_config)."""
-    manifest, datasets = training_datasets(cfg.data.uri, cfg.data.augment, cfg.train.seed)
+    manifest, datasets = training_datasets(
+        cfg.data.uri, cfg.data.augment, cfg.train.seed, image_size=cfg.data.image_size
+    )
     for split in set(datasets) - {"train", *eval_splits}:
         del datasets[split]
     tags = {
@@ -200,17 +202,21 @@ def register_trained_model(
     metrics: dict[str, Any],
     tracking_uri: str,
 ) -> str:
-    """Log the checkpoint's model in its MLflow run and register it (alias `candidate`), its
-    signature sized to the dataset's images; the version. Used by training jobs and sweeps."""
+    """Log the checkpoint's model in its MLflow run and register it (alias `candidate`); the
+    version. Its signature takes the images the model was trained on: the dataset's own size
+    (CIFAR-style), else data.image_size (ImageNet-style datasets, whose sizes vary: callers
+    resize and centre-crop first, `transforms.evaluation_crop`). Used by jobs.train and jobs.tune."""
     model = load_trained_model(checkpoint, cfg, manifest.num_classes)
+    mean, std = normalization(cfg.data.augment)
+    image_size = manifest.image_shape[0] if manifest.image.fixed_size else cfg.data.image_size
     version = registry.log_and_register(
         run_id,
         model,
         list(manifest.class_names),
         registry.model_name_for(cfg),
-        mean=CIFAR_MEAN,
-        std=CIFAR_STD,
-        image_size=manifest.image_shape[0],
+        mean=mean,
+        std=std,
+        image_size=image_size,
         metrics={k.replace("/", "_"): v for k, v in metrics.items()},
         tracking_uri=tracking_uri,
     )

@@ -34,7 +34,18 @@ from pipeline.session import TrainingSession
 # the driver twice. Its root logger (INFO, console + the run's app log file) shows each once.
 log = logging.getLogger(__name__)
 
-LOCAL_SHUFFLE_BUFFER = 1024
+# Ray Data shuffles a worker's rows within a local buffer of transformed images (the shards'
+# training rows are stored shuffled already, and their order is reshuffled per epoch): 1,024
+# CIFAR images take 12 MiB, but at 224 px each is 0.6 MB, so the buffer is capped by bytes.
+LOCAL_SHUFFLE_ROWS = 1024
+LOCAL_SHUFFLE_BYTES = 256 * 2**20
+
+
+def local_shuffle_rows(image_size: int, batch_size: int) -> int:
+    """Rows of the local shuffle buffer for float32 RGB images of `image_size`: at most
+    LOCAL_SHUFFLE_ROWS and LOCAL_SHUFFLE_BYTES, at least one batch."""
+    image_bytes = 3 * 4 * image_size * image_size
+    return max(batch_size, min(LOCAL_SHUFFLE_ROWS, LOCAL_SHUFFLE_BYTES // image_bytes))
 
 
 def _ddp_wrapper(device: torch.device):
@@ -159,7 +170,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = _torch_batches(
             train_shard,
             per_worker_batch,
-            local_shuffle_buffer_size=LOCAL_SHUFFLE_BUFFER,
+            local_shuffle_buffer_size=local_shuffle_rows(cfg.data.image_size, per_worker_batch),
             local_shuffle_seed=epoch_seed(cfg.train.seed, epoch) + rank,
         )
         if lead and epoch == first_epoch:

@@ -1,0 +1,80 @@
+"""Ray Data over "source" datasets (original JPEGs of varying sizes): decoded and brought to
+`image_size` in `map_batches`, so Ray Train workers get fixed-size float batches; each image
+augmented exactly as the Ray-free streaming reader augments it in the same epoch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data import DataError
+from pipeline.data.manifest import read_manifest
+from pipeline.data.stream_reader import make_stream_loader
+from pipeline.seeding import epoch_seed
+from tests.helpers.jpeg_shards import write_source_dataset
+
+pytestmark = [
+    pytest.mark.integration,
+    # torchvision.io's decoders warn on every call that 0.29 deprecated them (pipeline.data.decode)
+    pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
+]
+
+SIZE = 24
+
+
+def test_source_images_reach_the_trainer_as_fixed_size_batches(ray_cluster, tmp_path):
+    from pipeline.data.ray_reader import training_datasets
+
+    splits = {"train": [9, 5, 3, 1], "val": [1, 1, 1, 1], "test": [2, 2, 2, 2]}
+    uri, _ = write_source_dataset(tmp_path, splits, rows_per_shard=5)
+    manifest, datasets = training_datasets(uri, "imagenet_jitter", seed=0, image_size=SIZE)
+    assert set(datasets) == {"train", "val", "test"}
+    for split, dataset in datasets.items():
+        labels = []
+        for batch in dataset.iter_torch_batches(batch_size=4):
+            images = batch["image"]
+            assert images.shape[1:] == (3, SIZE, SIZE) and images.dtype == torch.float32
+            assert batch["label"].dtype == torch.int64
+            labels += batch["label"].tolist()
+        assert np.bincount(labels, minlength=4).tolist() == manifest.splits[split].class_counts
+
+
+def test_ray_data_augments_each_image_as_the_ray_free_reader_does(ray_cluster, tmp_path):
+    """One image per class, so a label names its image: the first execution (epoch 0) of the
+    Ray dataset and the streaming loader at epoch_seed(seed, 0) give every image the same
+    pixels, batches and task boundaries notwithstanding."""
+    from pipeline.data.ray_reader import split_dataset
+
+    uri, _ = write_source_dataset(tmp_path, {"train": [1] * 16}, rows_per_shard=3)
+    manifest = read_manifest(uri)
+    dataset = split_dataset(
+        manifest, "train", augment="randaugment", train=True, seed=3, batch_size=5, image_size=SIZE
+    )
+    ray_pixels = {
+        int(label): torch.from_numpy(image)
+        for batch in dataset.iter_batches(batch_format="numpy")
+        for image, label in zip(batch["image"], batch["label"], strict=True)
+    }
+    cfg = load_config(None, ["data.augment=randaugment", f"data.image_size={SIZE}"]).data
+    loader = make_stream_loader(manifest, "train", cfg, 4, train=True, seed=epoch_seed(3, 0))
+    stream_pixels = {
+        int(label): image
+        for images, labels in loader
+        for image, label in zip(images, labels, strict=True)
+    }
+    assert ray_pixels.keys() == stream_pixels.keys() == set(range(16))
+    for label, pixels in ray_pixels.items():
+        torch.testing.assert_close(pixels, stream_pixels[label], msg=f"image of class {label}")
+
+
+def test_source_datasets_need_an_image_size_and_a_resizing_preset(tmp_path):
+    from pipeline.data.ray_reader import split_dataset
+
+    uri, _ = write_source_dataset(tmp_path, {"train": [2, 1]}, rows_per_shard=3)
+    manifest = read_manifest(uri)
+    with pytest.raises(ValueError, match="need an image_size"):
+        split_dataset(manifest, "train", augment="imagenet", train=True)
+    with pytest.raises(DataError, match="data.augment='shike'"):
+        split_dataset(manifest, "train", augment="shike", train=True, image_size=SIZE)
