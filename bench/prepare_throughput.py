@@ -21,7 +21,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -112,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     measure("local folder, --max-side 256", most, prepare(most, max_side=256), local_output, remove_local)  # fmt: skip
 
     with MotoServer() as server:
-        # MotoServer pipes the server's request log (stderr) and never reads it: drained here,
-        # or the server blocks on the full pipe after some 450 requests.
-        threading.Thread(target=server.proc.stderr.read, daemon=True).start()
         s3 = S3Options(endpoint_url=server.endpoint_url, region="us-east-1")
         os.environ.update({k: v for k, v in FAKE_CREDENTIALS.items() if v})
         create_bucket("s3://bench-prepare", s3)
