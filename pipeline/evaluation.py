@@ -21,10 +21,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from torch.utils.data import DataLoader
 
 from pipeline import registry, tracking
 from pipeline.data import DataError
-from pipeline.data.shards import Manifest, evaluation_batches, load_split, read_manifest
+from pipeline.data.shards import Manifest, load_split, read_manifest
+from pipeline.data.stream_reader import ShardStream
+from pipeline.data.transforms import evaluation_crop
 from pipeline.mlflow_store import check_tracking_server, resolve_tracking_uri
 from pipeline.model_versions import (
     TAG_RUN_ID,
@@ -183,8 +186,13 @@ def evaluate_model(
         image_size = int(registry.model_metadata(load_uri, tracking_uri=uri).get("image_size", 0))
         if image_size <= 0:
             raise EvaluationError(f"model {_describe(model_uri, mv)} records no image_size")
-        batches = evaluation_batches(manifest, split, image_size, batch_size)
-        flats = [score_batch(classifier, x, y, manifest.num_classes) for x, y in batches]
+        # The registered model takes uint8 images at its image_size and normalises them
+        # itself: stream the split through the evaluation resize + centre crop alone.
+        stream = ShardStream(manifest, split, evaluation_crop(image_size), train=False)
+        flats = [
+            score_batch(classifier, x.permute(0, 2, 3, 1).numpy(), y.numpy(), manifest.num_classes)
+            for x, y in DataLoader(stream, batch_size=batch_size)
+        ]
         counts = sum_batch_counts(flats, manifest.num_classes)
     results = counts.compute(class_counts=manifest.class_counts)
     source_run = None

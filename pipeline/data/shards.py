@@ -18,7 +18,6 @@ the names other modules import from here are re-exported below.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,14 +25,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.data import IntegrityError, SourceFormatError
-from pipeline.data.decode import decode_rgb
 from pipeline.data.images import decode_images
 from pipeline.data.longtail import class_counts_of
 from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest, ShardInfo, read_manifest
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.raw import RawSplit
 from pipeline.data.storage import S3Options, display, join, read_bytes
-from pipeline.data.transforms import evaluation_crop
 
 
 def _schema_text(schema: pa.Schema) -> str:
@@ -153,31 +150,3 @@ __all__ = [
     "shard_files",
     "verify_split",
 ]
-
-
-def evaluation_batches(
-    manifest: Manifest, split: str, image_size: int, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """A split of source-encoded images (sizes vary) as uint8 NHWC batches of image_size x
-    image_size, in shard order, one verified shard in memory at a time: each image decoded,
-    its shorter side resized to image_size / 0.875 and the centre square kept, which is what
-    the registered model takes (it normalises itself)."""
-    crop = evaluation_crop(image_size)
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for shard in manifest.split_info(split).shards:
-        table = read_shard(manifest, shard)
-        for blob, label, sample_id in zip(
-            table.column("image").to_pylist(),
-            table.column("label").to_pylist(),
-            table.column("sample_id").to_pylist(),
-            strict=True,
-        ):
-            pixels = crop(decode_rgb(blob, f"image {sample_id} of {shard.path}"))
-            images.append(pixels.permute(1, 2, 0).numpy())
-            labels.append(label)
-            if len(labels) == batch_size:
-                yield np.stack(images), np.asarray(labels, dtype=np.int64)
-                images, labels = [], []
-    if labels:
-        yield np.stack(images), np.asarray(labels, dtype=np.int64)

@@ -106,3 +106,13 @@ def test_smoke_preset_trains_on_two_ray_workers_and_the_model_evaluates(
         + ["--data", str(shards), "--split", "test", "--tracking-uri", uri]
     )  # fmt: skip
     assert "top-1" in evaluated.stdout and "30" in evaluated.stdout, evaluated.stdout
+
+    # The registered model, fed the evaluation crop of each image, scores the val split as the
+    # run's own val pass did (Ray Data's eval transform): the same preprocessing end to end.
+    from pipeline.evaluation import evaluate_model
+
+    run = MlflowClient(uri).get_run(mv.run_id)
+    report = evaluate_model(f"models:/shike-imagenet-lt-resnet18/{mv.version}", str(shards), "val",
+                            tracking_uri=uri)  # fmt: skip
+    assert report.results["num_samples"] == 30
+    assert report.results["acc"] == pytest.approx(run.data.metrics["val/acc"], abs=1e-9)
