@@ -118,10 +118,7 @@ def main() -> None:
             f"{other['val/score']:.3f} |"
         )
     table = "\n".join(lines)
-    if args.no_record:
-        print(table)
-    else:
-        record("asha", "ASHA: compute saved on an 8-trial sweep", table)
+    record("asha", "ASHA: compute saved on an 8-trial sweep", table, print_only=args.no_record)
 
 
 if __name__ == "__main__":

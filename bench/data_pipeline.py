@@ -107,10 +107,12 @@ def main() -> None:
         lines.append(f"| {name}: decoded + augmented images/s | {rate:.0f} | {rate / step:.1f}x |")
     lines.append(f"| SHIKE training step (forward+backward+SGD), images/s | {step:.0f} | 1.0x |")
     table = "\n".join(lines)
-    if args.no_record:
-        print(table)
-    else:
-        record("data_pipeline", "Data: prepare time and streaming throughput", table)
+    record(
+        "data_pipeline",
+        "Data: prepare time and streaming throughput",
+        table,
+        print_only=args.no_record,
+    )
 
 
 if __name__ == "__main__":

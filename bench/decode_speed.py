@@ -214,12 +214,12 @@ def main() -> None:
     pillow = next(iter(decoders.values()))
     lines += [f"| {name} | {rate:.0f} | {rate / pillow:.2f}x |" for name, rate in decoders.items()]
     table = "\n".join(lines)
-    if args.no_record:
-        print(table)
-    else:
-        record(
-            "decode_speed", "Decode + augment at 224 px: streaming readers vs ImageFolder", table
-        )
+    record(
+        "decode_speed",
+        "Decode + augment at 224 px: streaming readers vs ImageFolder",
+        table,
+        print_only=args.no_record,
+    )
 
 
 if __name__ == "__main__":

@@ -139,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{count / seconds:,.0f} |"
         )
     table = "\n".join(lines)
-    if args.no_record:
-        print(table)
-    else:
-        record("prepare_throughput", "Prepare throughput: the large benchmarks' shards", table)
+    record(
+        "prepare_throughput",
+        "Prepare throughput: the large benchmarks' shards",
+        table,
+        print_only=args.no_record,
+    )
     return 0
 
 

@@ -120,10 +120,20 @@ def replace_section(page: Path, history: Path, name: str, title: str, content: s
 
 
 def record(
-    name: str, title: str, table: str, page: Path | None = None, history: Path | None = None
+    name: str,
+    title: str,
+    table: str,
+    page: Path | None = None,
+    history: Path | None = None,
+    *,
+    print_only: bool = False,
 ) -> None:
     """Print `table` with its provenance and make it section `name` of BENCHMARKS.md (or
-    `page`); the section's previous content goes to bench/HISTORY.md (or `history`)."""
+    `page`); the section's previous content goes to bench/HISTORY.md (or `history`). With
+    `print_only` (the scripts' --no-record) the table is printed and nothing is written."""
+    if print_only:
+        print(table)
+        return
     page = Path(page or os.environ.get("BENCHMARKS_FILE") or PAGE)
     history = Path(history or default_history(page))
     content = entry(table)

@@ -113,8 +113,9 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     inputs = in_memory_inputs(cfg, pin) if manifest is None else streamed_inputs(cfg, manifest, pin)
     log(f"data: {inputs.summary}; device {device}")
     session = TrainingSession(cfg, inputs.class_counts, device)
-    if checkpoint_dir and (Path(checkpoint_dir) / "state.pt").exists():
-        session.restore(checkpoint_dir)
+    resume = checkpoint_dir and (Path(checkpoint_dir) / "state.pt").exists()
+    session.start(checkpoint_dir if resume else None)
+    if resume:
         log(f"resumed from {checkpoint_dir} at epoch {session.epoch}")
 
     def save_when_due(end: EpochEnd) -> None:

@@ -78,8 +78,12 @@ def namespaced(split: str, results: dict[str, Any]) -> dict[str, float]:
 
 def evaluate_split(session: TrainingSession, batches: Batches, adjust: bool) -> Evaluation:
     counts, adjusted = session.evaluate(batches, adjust=adjust)
-    compute = lambda c: c.compute(class_counts=session.class_counts)  # noqa: E731
-    return Evaluation(compute(counts), counts, compute(adjusted) if adjusted else None)
+    train_counts = session.class_counts
+    return Evaluation(
+        counts.compute(class_counts=train_counts),
+        counts,
+        adjusted.compute(class_counts=train_counts) if adjusted else None,
+    )
 
 
 def fit(

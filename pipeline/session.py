@@ -220,10 +220,7 @@ class TrainingSession:
         self.wrap = wrap or (lambda m: m)
         self._captured: CapturedTrainStep | None = None
         torch.manual_seed(cfg.train.seed)  # model init is a function of the seed only
-        self.model = build_model(cfg.model, len(class_counts))
-        if cfg.model.pretrained:  # a resumed run's checkpoint overwrites these weights
-            load_pretrained(self.model, load_pretrained_weights(cfg.model.pretrained))
-        self.model = self.model.to(device)
+        self.model = build_model(cfg.model, len(class_counts)).to(device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = cfg.train.amp and device.type == "cuda"
@@ -322,6 +319,14 @@ class TrainingSession:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         restore_rng_state(state["rng"])
+
+    def start(self, checkpoint_dir: str | Path | None) -> None:
+        """Resume from `checkpoint_dir`, else start fresh: from `model.pretrained` when it is
+        set (read only here, so a resumed run does not fetch weights it would overwrite)."""
+        if checkpoint_dir is not None:
+            self.restore(checkpoint_dir)
+        elif self.cfg.model.pretrained:
+            load_pretrained(self.model, load_pretrained_weights(self.cfg.model.pretrained))
 
     def save(self, directory: str | Path) -> Path:
         return save_checkpoint(directory, self.state_dict())

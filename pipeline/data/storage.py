@@ -147,11 +147,6 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-def join_uri(uri: str, *parts: str) -> str:
-    """Join a URI (s3://..., file:///..., or a local path) with relative parts."""
-    return join(str(uri), *parts)
-
-
 def display(fs: pafs.FileSystem, path: str) -> str:
     """A user-facing name for a filesystem path: s3://bucket/key or the local path."""
     return f"s3://{path}" if fs.type_name == "s3" else path

@@ -153,9 +153,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     session = TrainingSession(cfg, class_counts, device, wrap=_ddp_wrapper(device))
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is None:
+        session.start(None)
+    else:
         with checkpoint.as_directory() as directory:
-            session.restore(directory)
+            session.start(directory)
         if lead:
             log.info("[shike] resumed from checkpoint at epoch %d", session.epoch)
 

@@ -80,6 +80,14 @@ def test_a_section_the_page_lacks_is_added_at_its_end_and_nothing_goes_to_the_hi
     )
 
 
+def test_print_only_prints_the_table_and_writes_nothing(page, tmp_path, capsys):
+    before = page.read_text()
+    record("train_step", "Training step", "| only | printed |", page, tmp_path / "H.md",
+           print_only=True)  # fmt: skip
+    assert capsys.readouterr().out.strip() == "| only | printed |"
+    assert page.read_text() == before and not (tmp_path / "H.md").exists()
+
+
 def test_sections_are_told_apart_by_their_whole_name(page, tmp_path):
     history = tmp_path / "HISTORY.md"
     gpu = _section(page.read_text(), "reproduce_gpu")

@@ -354,7 +354,9 @@ def test_pretrained_weights_fill_the_trunk_and_every_experts_deep_stage(tmp_path
     cfg = load_config(
         None, ["model.arch=shike_resnet18", f"model.pretrained={tmp_path / 'r18.pt'}"]
     )
-    model = TrainingSession(cfg, [5, 3, 2], torch.device("cpu")).model
+    session = TrainingSession(cfg, [5, 3, 2], torch.device("cpu"))
+    session.start(None)  # a fresh run: from the pretrained weights
+    model = session.model
     own = model.state_dict()
     assert torch.equal(own["stem.0.weight"], reference["conv1.weight"])
     assert torch.equal(own["shared.2.1.bn2.running_var"], reference["layer3.1.bn2.running_var"])
