@@ -25,6 +25,7 @@ EXECUTION_SETTINGS = frozenset(
         "data.source",
         "data.uri",
         "data.loader_workers",
+        "data.augment_on",
         "train.device",
         "train.amp",
         "train.channels_last",
@@ -51,6 +52,10 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# The augmentation presets for images kept at their own size (pipeline.data.transforms).
+CIFAR_AUGMENTS = ("shike", "basic", "none")
 
 
 class DataConfig(_Section):
@@ -81,6 +86,26 @@ class DataConfig(_Section):
     # Side of the square images the model sees (CIFAR: the images' own 32).
     image_size: int = Field(32, ge=8)
     loader_workers: int = Field(2, ge=0)
+    # Where the training split is augmented: "loader" (per image, in loader workers or Ray Data
+    # tasks), "device" (whole uint8 batches on the training device, CIFAR presets only:
+    # pipeline.data.batch_augment), "auto": "device" for the CIFAR presets (faster per core
+    # on CPU, and on a GPU it frees the few CPUs a GPU has; BENCHMARKS.md), else "loader".
+    augment_on: Literal["auto", "loader", "device"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_augment_on(self) -> DataConfig:
+        if self.augment_on == "device" and self.augment not in CIFAR_AUGMENTS:
+            raise ValueError(
+                f"data.augment_on=device augments the CIFAR presets ({', '.join(CIFAR_AUGMENTS)}); "
+                f"data.augment={self.augment!r} runs in the loader (data.augment_on=loader)"
+            )
+        return self
+
+    @property
+    def augments_on_device(self) -> bool:
+        """Whether the training split reaches the training step as uint8 batches that the
+        step's own device augments (pipeline.data.batch_augment)."""
+        return self.augment_on != "loader" and self.augment in CIFAR_AUGMENTS
 
 
 CIFAR_ARCHS = ("shike_resnet32", "resnet32")

@@ -23,6 +23,7 @@ import torch
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import Config, ConfigError, add_override_argument, load_config
 from pipeline.data import DataError
+from pipeline.data.batch_augment import BatchAugment, augmented_batches, shuffled_batches
 from pipeline.data.manifest import Manifest
 from pipeline.data.stream_reader import make_stream_loader, source_manifest
 from pipeline.data.torch_reader import load_longtailed, make_loader
@@ -44,26 +45,41 @@ class Inputs:
     test_batches: Iterable | None
 
 
-def in_memory_inputs(cfg: Config, pin: bool) -> Inputs:
-    """CIFAR-style splits decoded whole; one loader per split for the whole run (its workers
-    live as long as it does, see make_loader)."""
+def in_memory_inputs(cfg: Config, device: torch.device) -> Inputs:
+    """CIFAR-style splits decoded whole. The training split is either kept whole on the
+    device as uint8 and augmented there a batch at a time (`data.augment_on`), or read by one
+    loader for the whole run (its workers live as long as it does, see make_loader)."""
     data = load_longtailed(cfg.data)
-    train = make_loader(
-        data.train, cfg.data, cfg.optim.batch_size, train=True, pin_memory=pin, persistent=True
-    )
+    pin = device.type == "cuda"
+    if cfg.data.augments_on_device:
+        images = torch.from_numpy(data.train.images).permute(0, 3, 1, 2).contiguous().to(device)
+        labels = torch.as_tensor(data.train.labels, dtype=torch.int64).to(device)
+        augment = BatchAugment(cfg.data.augment)
 
-    def train_batches(epoch: int):
-        train.sampler.set_seed(epoch_seed(cfg.train.seed, epoch))
-        return train
+        def train_batches(epoch: int):
+            seed = epoch_seed(cfg.train.seed, epoch)
+            batches = shuffled_batches(images, labels, cfg.optim.batch_size, seed)
+            return augmented_batches(batches, augment, seed, device)
+
+    else:
+        train = make_loader(
+            data.train, cfg.data, cfg.optim.batch_size, train=True, pin_memory=pin, persistent=True
+        )
+
+        def train_batches(epoch: int):
+            train.sampler.set_seed(epoch_seed(cfg.train.seed, epoch))
+            return train
 
     def evaluation(split, persistent: bool = False):
         return make_loader(
             split, cfg.data, EVAL_BATCH, False, pin_memory=pin, persistent=persistent
         )
 
+    where = "on the device" if cfg.data.augments_on_device else "in the loader"
     return Inputs(
         summary=f"{data.name} train {len(data.train.labels)} / val {len(data.val.labels)} / "
-        f"test {len(data.test.labels)} images, {data.num_classes} classes",
+        f"test {len(data.test.labels)} images, {data.num_classes} classes; "
+        f"augmented {where}",
         class_counts=data.class_counts,
         train_batches=train_batches,
         val_batches=evaluation(data.val, persistent=True) if len(data.val.labels) else None,
@@ -110,7 +126,10 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms
     pin = device.type == "cuda"
     manifest = source_manifest(cfg.data)
-    inputs = in_memory_inputs(cfg, pin) if manifest is None else streamed_inputs(cfg, manifest, pin)
+    if manifest is None:
+        inputs = in_memory_inputs(cfg, device)
+    else:
+        inputs = streamed_inputs(cfg, manifest, pin)
     log(f"data: {inputs.summary}; device {device}")
     session = TrainingSession(cfg, inputs.class_counts, device)
     resume = checkpoint_dir and (Path(checkpoint_dir) / "state.pt").exists()

@@ -8,7 +8,9 @@ epoch plus a seeded local buffer in the consumer. Two kinds of dataset:
 - fixed-size PNG shards (CIFAR): decoded as one array, the CIFAR presets at the stored size;
 - "source" shards (the large benchmarks' original JPEGs, sizes varying): each image decoded
   on its own (pipeline.data.decode) and brought to `image_size` by an ImageNet-style preset,
-  so Ray Train workers get fixed-size float batches either way.
+  so Ray Train workers get fixed-size float batches either way;
+- or, for a training step that augments on its own device (`data.augment_on`), the PNG
+  shards' images decoded only, as uint8 batches.
 Ray is imported here and in distributed/ only.
 """
 
@@ -102,6 +104,16 @@ def decode_and_transform(
     return out
 
 
+def decode_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Encoded PNGs -> uint8 NCHW batch, for a training step that augments on its own device
+    (`data.augment_on`, pipeline.data.batch_augment)."""
+    images = decode_images(list(batch["image"]), "shard rows")
+    return {
+        "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+        "label": batch["label"].astype(np.int64),
+    }
+
+
 @contextmanager
 def _parquet_reader_v1() -> Iterator[None]:
     """Plan the reads inside with Ray Data's V1 Parquet reader (the default before Ray 2.60).
@@ -134,11 +146,14 @@ def split_dataset(
     batch_size: int | None = None,
     with_ids: bool = False,
     image_size: int | None = None,
+    uint8: bool = False,
 ) -> ray.data.Dataset:
     """A Ray Dataset of one split: rows {"image": float32 (3,H,W), "label": int64} (plus the
     source's "sample_id" with `with_ids`). H = W = `image_size` for a "source" dataset (which
     needs it, and an ImageNet-style `augment`); PNG datasets keep their stored size.
     `batch_size`: rows per decode task call (None: PNG_TASK_ROWS / SOURCE_TASK_ROWS).
+    `uint8` (PNG datasets): decoded uint8 images, neither augmented nor normalised, for a
+    consumer that augments them itself (pipeline.data.batch_augment).
 
     Training splits reshuffle the shard order on every execution (each epoch) and augment each
     image from `seed` (None: unseeded). With the output order pinned (`preserve_order`), an
@@ -149,6 +164,8 @@ def split_dataset(
         if image_size is None:
             raise ValueError(f"{manifest.uri}: images of varying size need an image_size")
         require_resizing_preset(augment, manifest.uri)
+    if uint8 and source:
+        raise ValueError(f"{manifest.uri}: source images are decoded at image_size, not as uint8")
     if verify:
         verify_split(manifest, split)
     fs, paths = shard_files(manifest, split)
@@ -156,6 +173,8 @@ def split_dataset(
     with _parquet_reader_v1():
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
     ds = ds.select_columns(COLUMNS)
+    if uint8:
+        return ds.map_batches(decode_only, batch_size=batch_size or PNG_TASK_ROWS)
     return ds.map_batches(
         decode_and_transform,
         fn_kwargs={
@@ -184,9 +203,12 @@ def training_datasets(
     seed: int,
     s3: S3Options | None = None,
     image_size: int | None = None,
+    train_uint8: bool = False,
 ) -> tuple[Manifest, dict[str, ray.data.Dataset]]:
     """Manifest + {"train", "val", "test"} datasets for a TorchTrainer. `image_size`
-    (data.image_size) is the side of the batches' images for "source" datasets."""
+    (data.image_size) is the side of the batches' images for "source" datasets.
+    `train_uint8`: the training split as decoded uint8 images, which the workers augment on
+    their own device (data.augment_on)."""
     quiet_progress()
     manifest = read_manifest(uri, s3)
     if manifest.train_row_order != TRAIN_ROW_ORDER:
@@ -199,7 +221,8 @@ def training_datasets(
             f"{TRAIN_ROW_ORDER} order (the Ray-free engine reads either)"
         )
     common = {"augment": augment, "image_size": image_size}
-    datasets = {"train": split_dataset(manifest, "train", train=True, seed=seed, **common)}
+    train = split_dataset(manifest, "train", train=True, seed=seed, uint8=train_uint8, **common)
+    datasets = {"train": train}
     for split in ("val", "test"):
         if split in manifest.splits and manifest.splits[split].num_rows:
             datasets[split] = split_dataset(manifest, split, train=False, **common)

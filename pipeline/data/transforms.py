@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from pipeline.config import CIFAR_AUGMENTS
 from pipeline.data import DataError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -34,7 +35,6 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-CIFAR_AUGMENTS = ("shike", "basic", "none")
 IMAGENET_AUGMENTS = ("imagenet", "imagenet_jitter", "randaugment")
 # Evaluation of the ImageNet-style presets: resize so that the centre crop keeps 87.5% of the
 # shorter side (224 of 256), the usual ImageNet protocol.

@@ -119,7 +119,11 @@ def open_tracked_run(
     """Datasets from the manifest, the run's MLflow run (created or resumed by run name, config
     and manifest logged) and the per-worker loop config: (manifest, datasets, logger, loop_config)."""
     manifest, datasets = training_datasets(
-        cfg.data.uri, cfg.data.augment, cfg.train.seed, image_size=cfg.data.image_size
+        cfg.data.uri,
+        cfg.data.augment,
+        cfg.train.seed,
+        image_size=cfg.data.image_size,
+        train_uint8=cfg.data.augments_on_device,
     )
     for split in set(datasets) - {"train", *eval_splits}:
         del datasets[split]

@@ -1,7 +1,8 @@
 """The Ray Train worker: a thin driver of `pipeline.fit` (DESIGN.md, "One loop, two drivers").
 
 Each worker runs the Ray-free `TrainingSession` on its Ray Data shard with the model under DDP
-(gloo on CPU, NCCL on GPU). DDP is rebuilt at the stage switch: stage 1 trains everything but
+(gloo on CPU, NCCL on GPU); with `data.augment_on` on the device, the shard's batches arrive
+as uint8 images and the worker augments them on its own device. DDP is rebuilt at the stage switch: stage 1 trains everything but
 the stage-2 head bank, stage 2 only that bank, and parameters outside the trainable set have
 requires_grad=False, so gradient sync neither waits for unused heads nor spends work on frozen
 ones. Every worker reports each epoch to Ray Train; rank 0 evaluates, logs to MLflow and
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from pipeline import tracking
 from pipeline.config import Config
+from pipeline.data.batch_augment import BatchAugment, augmented_batches
 from pipeline.data.ray_reader import quiet_progress
 from pipeline.fit import EpochEnd, fit
 from pipeline.seeding import epoch_seed
@@ -34,17 +36,18 @@ from pipeline.session import TrainingSession
 # the driver twice. Its root logger (INFO, console + the run's app log file) shows each once.
 log = logging.getLogger(__name__)
 
-# Ray Data shuffles a worker's rows within a local buffer of transformed images (the shards'
+# Ray Data shuffles a worker's rows within a local buffer of decoded images (the shards'
 # training rows are stored shuffled already, and their order is reshuffled per epoch): 1,024
-# CIFAR images take 12 MiB, but at 224 px each is 0.6 MB, so the buffer is capped by bytes.
+# CIFAR images take 12 MiB as float32, but at 224 px each is 0.6 MB, so the buffer is capped
+# by bytes.
 LOCAL_SHUFFLE_ROWS = 1024
 LOCAL_SHUFFLE_BYTES = 256 * 2**20
 
 
-def local_shuffle_rows(image_size: int, batch_size: int) -> int:
-    """Rows of the local shuffle buffer for float32 RGB images of `image_size`: at most
-    LOCAL_SHUFFLE_ROWS and LOCAL_SHUFFLE_BYTES, at least one batch."""
-    image_bytes = 3 * 4 * image_size * image_size
+def local_shuffle_rows(image_size: int, batch_size: int, bytes_per_value: int = 4) -> int:
+    """Rows of the local shuffle buffer for RGB images of `image_size` (float32: 4 bytes a
+    value, uint8: 1): at most LOCAL_SHUFFLE_ROWS and LOCAL_SHUFFLE_BYTES, at least one batch."""
+    image_bytes = 3 * bytes_per_value * image_size * image_size
     return max(batch_size, min(LOCAL_SHUFFLE_ROWS, LOCAL_SHUFFLE_BYTES // image_bytes))
 
 
@@ -168,13 +171,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     per_worker_batch = max(1, cfg.optim.batch_size // world)  # keep the recipe's global batch
     first_epoch = session.epoch
 
+    on_device = cfg.data.augments_on_device  # Ray Data delivers uint8 images, augmented here
+    augment = BatchAugment(cfg.data.augment) if on_device else None
+
     def epoch_batches(epoch: int):
+        seed = epoch_seed(cfg.train.seed, epoch) + rank
+        shuffle_rows = local_shuffle_rows(
+            cfg.data.image_size, per_worker_batch, bytes_per_value=1 if on_device else 4
+        )
         batches = _torch_batches(
             train_shard,
             per_worker_batch,
-            local_shuffle_buffer_size=local_shuffle_rows(cfg.data.image_size, per_worker_batch),
-            local_shuffle_seed=epoch_seed(cfg.train.seed, epoch) + rank,
+            local_shuffle_buffer_size=shuffle_rows,
+            local_shuffle_seed=seed,
         )
+        if augment is not None:
+            batches = augmented_batches(batches, augment, seed, device)
         if lead and epoch == first_epoch:
             batches = _announce_first(batches)
         return batches

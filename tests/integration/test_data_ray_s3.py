@@ -174,3 +174,25 @@ def test_training_augmentation_is_a_function_of_seed_epoch_and_image(ray_cluster
     for a, b in [(run[0], run[1]), (run[0], other_seed[0])]:
         changed = sum(a[i] != b[i] for i in a)
         assert changed > 90, f"only {changed} of 100 images changed with the epoch or the seed"
+
+
+def test_uint8_training_split_is_the_decoded_images_unaugmented(ray_cluster, tmp_path):
+    """For workers that augment on their own device (data.augment_on=device), the training
+    split arrives as the stored images, decoded to uint8 NCHW, each once, untouched."""
+    from pipeline.data.ray_reader import split_dataset
+    from pipeline.data.shards import load_split, prepare_dataset, read_manifest
+
+    write_parquet_folder(tmp_path / "raw", train_per_class=12, test_per_class=2)
+    uri = str(tmp_path / "tiny")
+    prepare_dataset("cifar10", str(tmp_path / "raw"), uri, 1.0, val_per_class=0)
+    manifest = read_manifest(uri)
+    rows = list(split_dataset(manifest, "train", train=True, seed=0, uint8=True).iter_rows())
+    assert {(r["image"].dtype, r["image"].shape) for r in rows} == {
+        (np.dtype(np.uint8), (3, 32, 32))
+    }
+    stored = load_split(manifest, "train")
+    expected = sorted(
+        (int(label), image.transpose(2, 0, 1).tobytes())
+        for image, label in zip(stored.images, stored.labels, strict=True)
+    )
+    assert sorted((int(r["label"]), r["image"].tobytes()) for r in rows) == expected

@@ -132,7 +132,10 @@ def test_killed_worker_and_relaunched_driver_continue_one_run(ray_cluster, tiny_
         tmp_path,
         tiny_dataset,
         name,
+        # the per-image path (Ray Data tasks augment); the submitted run below augments on
+        # the workers' device
         **{**FAST, "optim.epochs": 6, "optim.stage2_start": 5, "cluster.max_failures": 1},
+        **{"data.augment_on": "loader"},
     )
     log = tmp_path / "driver.log"
     proc = start_driver(cmd, ROOT, ray_cluster.env, log=log)
@@ -183,9 +186,10 @@ def test_killed_worker_and_relaunched_driver_continue_one_run(ray_cluster, tiny_
 def test_submitted_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset, tmp_path):
     """The job users submit (`ray job submit -- python -m jobs.train ...`), SHIKE on 2 workers:
     one MLflow run with per-epoch metrics, params, plots, and the model registered as
-    `candidate`, which loads as a pyfunc and reproduces the run's val metrics."""
+    `candidate`, which loads as a pyfunc and reproduces the run's val metrics. Ray Data
+    delivers uint8 images, which each worker augments on its own device."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    entry = _train_cmd(tmp_path, tiny_dataset, "submitted")
+    entry = _train_cmd(tmp_path, tiny_dataset, "submitted", **{"data.augment_on": "device"})
     proc = subprocess.run(
         [
             ray_bin,

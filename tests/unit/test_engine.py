@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.data.batch_augment import BatchAugment, augmented_batches, shuffled_batches
 from pipeline.data.sources import RawSplit
 from pipeline.data.torch_reader import make_loader
 from pipeline.fit import format_epoch_line
@@ -89,26 +90,42 @@ def test_stage1_leaves_stage2_heads_untouched():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_resume_is_bit_identical_across_the_stage_switch(tmp_path):
-    cfg = _cfg()
+def _device_batches(cfg, split):
+    """The engine's batches with `data.augment_on=device`: the split kept whole as uint8."""
+    images = torch.from_numpy(split.images).permute(0, 3, 1, 2).contiguous()
+    labels = torch.as_tensor(split.labels)
+    augment = BatchAugment(cfg.data.augment)
+
+    def epoch_batches(epoch):
+        seed = epoch_seed(cfg.train.seed, epoch)
+        batches = shuffled_batches(images, labels, cfg.optim.batch_size, seed)
+        return augmented_batches(batches, augment, seed, torch.device("cpu"))
+
+    return epoch_batches
+
+
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_resume_is_bit_identical_across_the_stage_switch(tmp_path, augment_on):
+    cfg = _cfg(**{"data.augment_on": augment_on})
     split = _split(6)
+    batches = _batches if augment_on == "loader" else _device_batches
     straight = TrainingSession(cfg, COUNTS, torch.device("cpu"))
     for _ in range(3):
-        straight.run_epoch(_batches(cfg, split))
+        straight.run_epoch(batches(cfg, split))
 
     first = TrainingSession(cfg, COUNTS, torch.device("cpu"))
-    first.run_epoch(_batches(cfg, split))
+    first.run_epoch(batches(cfg, split))
     first.save(tmp_path / "ckpt")
     del first
     torch.manual_seed(12345)  # disturb global RNG: the resumed run must not depend on it
     resumed = TrainingSession(cfg, COUNTS, torch.device("cpu"))
     resumed.restore(tmp_path / "ckpt")
     assert resumed.epoch == 1
-    resumed.run_epoch(_batches(cfg, split))
+    resumed.run_epoch(batches(cfg, split))
     resumed.save(tmp_path / "ckpt")  # checkpoint again, now crossing into stage 2
     again = TrainingSession(cfg, COUNTS, torch.device("cpu"))
     again.restore(tmp_path / "ckpt")
-    again.run_epoch(_batches(cfg, split))
+    again.run_epoch(batches(cfg, split))
 
     a, b = straight.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys()
@@ -143,6 +160,7 @@ def test_resume_accepts_other_execution_settings(tmp_path):
         "train.cuda_graphs": True,
         "train.checkpoint_every": 5,
         "data.loader_workers": 1,
+        "data.augment_on": "device",
         "tracking.experiment": "elsewhere",
     }
     moved = TrainingSession(_cfg(**execution), COUNTS, torch.device("cpu"))
@@ -229,7 +247,10 @@ def test_evaluate_reports_lt_groups():
 )
 def test_smoke_recipe_runs_end_to_end_and_the_loss_falls():
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.engine", "--config", "configs/smoke.yaml"],
+        [
+            *(sys.executable, "-m", "pipeline.engine", "--config", "configs/smoke.yaml"),
+            *("--set", "data.augment_on=device"),
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -240,6 +261,7 @@ def test_smoke_recipe_runs_end_to_end_and_the_loss_falls():
     assert len(lines) == 4
     losses = [float(ln.split("| loss ")[1].split()[0]) for ln in lines[:3]]  # stage 1 epochs
     assert losses[-1] < losses[0], lines
+    assert "augmented on the device" in proc.stdout
     assert "test: top-1" in proc.stdout and "many" in proc.stdout
 
 
