@@ -47,6 +47,7 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.train_step --steps 10
 	$(BIN)/python -m bench.loader_speed --data $(CIFAR10_DIR) --workers 2
+	$(BIN)/python -m bench.augment_speed --data $(CIFAR10_DIR)
 	$(BIN)/python -m bench.data_pipeline --epochs 2
 	$(BIN)/python -m bench.pipeline_efficiency --workers 1 2 --epochs 3
 	$(BIN)/python -m bench.decode_speed

@@ -114,6 +114,11 @@ def train_one(args: argparse.Namespace) -> None:
         "train_loop_seconds": sum(h["seconds"] for h in out["history"]),
         "wall_seconds": out["wall_seconds"],
         "final_val_acc": out["history"][-1].get("val_acc") if out["history"] else None,
+        # with train.test_from_epoch: test top-1 after each of the last epochs (this call's)
+        "test_history": {
+            int(h["epoch"]) + 1: h["test_acc"] for h in out["history"] if "test_acc" in h
+        },
+        "val_per_class_acc": out["val"]["per_class_acc"] if out["val"] else None,
     }
     Path(args.result_file).write_text(json.dumps(result))
     if directory:
@@ -226,6 +231,37 @@ def load_results(paths: list[str]) -> list[dict]:
     return results
 
 
+def last_against_best(result: dict) -> list[str]:
+    """We report the last epoch's test top-1; some peers report the best epoch's."""
+    history = {int(e): acc for e, acc in (result.get("test_history") or {}).items()}
+    if len(history) < 2:
+        return []
+    best = max(history, key=history.get)
+    last = result["test"]["acc"]
+    return [
+        f"  - test top-1, last epoch {100 * last:.2f} against the best of epochs "
+        f"{min(history)}-{max(history)}: {100 * history[best]:.2f} (epoch {best}), "
+        f"{100 * (history[best] - last):+.2f} points"
+    ]
+
+
+def val_against_test(result: dict) -> list[str]:
+    """Mean per-class top-1 of val and of test over the classes val has images of (CIFAR: the
+    head class has none left): is val a fair stand-in for test?"""
+    val, test = result.get("val_per_class_acc"), result["test"]["per_class_acc"]
+    if not val:
+        return []
+    classes = [c for c, acc in enumerate(val) if acc == acc]  # NaN: no val image of c
+    if not classes:
+        return []
+    mean_val = statistics.mean(val[c] for c in classes)
+    mean_test = statistics.mean(test[c] for c in classes)
+    return [
+        f"  - mean per-class top-1 over the {len(classes)} classes with val images: val "
+        f"{100 * mean_val:.2f}, test {100 * mean_test:.2f} ({100 * (mean_val - mean_test):+.2f})"
+    ]
+
+
 def results_table(args: argparse.Namespace, results: list[dict], stopped: list[str]) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:.2f}"
@@ -248,6 +284,7 @@ def results_table(args: argparse.Namespace, results: list[dict], stopped: list[s
                 f"- {VARIANTS[variant][0]}, seed {r['seed']}, per-class top-1 (%): "
                 + ", ".join(f"{100 * a:.1f}" for a in t["per_class_acc"])
             )
+            details += last_against_best(r) + val_against_test(r)
         if len(mine) > 1:
             top1 = [r["test"]["acc"] for r in mine]
             rows.append(

@@ -32,6 +32,7 @@ EXECUTION_SETTINGS = frozenset(
         "train.cuda_graphs",
         "train.threads",
         "train.eval_every",
+        "train.test_from_epoch",
         "train.checkpoint_every",
         "cluster.use_gpu",
         "cluster.cpus_per_worker",
@@ -223,6 +224,10 @@ class TrainConfig(_Section):
     cuda_graphs: bool = False
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: torch default
     eval_every: int = Field(1, ge=1)
+    # Also evaluate the test split after every epoch from this one (1-based) on, to compare
+    # the last epoch (what a run reports) with the best of its last epochs (what some peers
+    # report). None: the test split is evaluated once, after the last epoch.
+    test_from_epoch: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(1, ge=1)
 
     @model_validator(mode="after")

@@ -151,13 +151,19 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
         log=log,
     )
     history = [
-        {**end.train, **({"val_acc": end.val.results["acc"]} if end.val else {})}
+        {
+            **end.train,
+            **({"val_acc": end.val.results["acc"]} if end.val else {}),
+            **({"test_acc": end.test.results["acc"]} if end.test else {}),
+        }
         for end in ends
         if end.train is not None
     ]
+    last = ends[-1]
     return {
         "history": history,
-        "test": ends[-1].test.results if ends[-1].test is not None else None,
+        "test": last.test.results if last.test is not None else None,
+        "val": last.val.results if last.val is not None else None,
         "session": session,
         "wall_seconds": time.perf_counter() - started,
     }

@@ -2,7 +2,8 @@
 
 `fit` runs a `TrainingSession` to the end of its recipe: each turn trains one epoch (the
 session switches stage when it is due), evaluates the val split on the `train.eval_every`
-cadence and on the last epoch, the test split once at the end, logs the epoch line with its ETA,
+cadence and on the last epoch, the test split at the end (and after every epoch from
+`train.test_from_epoch`), logs the epoch line with its ETA,
 and hands an `EpochEnd` to the driver, which saves or reports the checkpoint when
 `checkpoint_due` says so. What differs between drivers is passed in:
 
@@ -43,7 +44,7 @@ class EpochEnd:
     stage: int
     train: dict[str, float] | None  # the epoch's statistics; None when nothing was left to train
     val: Evaluation | None
-    test: Evaluation | None  # on the final turn only
+    test: Evaluation | None  # on the final turn (and every turn from train.test_from_epoch)
     final: bool
     checkpoint_due: bool
     loss_parts: tuple[str, ...]  # the objective's loss terms, keys of `train`
@@ -114,14 +115,19 @@ def fit(
         val = test = None
         if val_batches is not None and (final or session.epoch % train_cfg.eval_every == 0):
             val = evaluate_split(session, val_batches, adjust=True)
-        if final and test_batches is not None:
+        test_from = train_cfg.test_from_epoch
+        if test_batches is not None and (final or (test_from and session.epoch >= test_from)):
             test = evaluate_split(session, test_batches, adjust=False)
         if train is not None:
             eta = (time.perf_counter() - started) / (session.epoch - first_epoch)
             eta *= epochs - session.epoch
             line_val = val.results if val is not None else None
-            log(format_epoch_line(train, epochs, line_val, eta, session.objective.part_names))
-        if test is not None:
+            line_test = test.results if test is not None and not final else None
+            line = format_epoch_line(
+                train, epochs, line_val, eta, session.objective.part_names, test=line_test
+            )
+            log(line)
+        if test is not None and final:
             log(format_results("test", test.results))
         end = EpochEnd(
             epoch=session.epoch,
@@ -155,6 +161,7 @@ def format_epoch_line(
     val: dict[str, Any] | None,
     eta_s: float,
     loss_parts: tuple[str, ...],
+    test: dict[str, Any] | None = None,
 ) -> str:
     """`epoch  3/200 stage 1 | loss 4.1 (ce 2.3 dkt 0.1 md 0.04) | lr ... | val acc ... | ...`:
     the total, then each other loss term the objective reports, named without `loss_`."""
@@ -165,6 +172,8 @@ def format_epoch_line(
     )
     if val is not None:
         line += f" | val acc {100 * val['acc']:.2f}%"
+    if test is not None:
+        line += f" | test acc {100 * test['acc']:.2f}%"
     return line + (
         f" | {stats['images_per_s']:.0f} img/s (input wait {100 * stats['input_wait']:.0f}%)"
         f" | eta {format_duration(eta_s)}"

@@ -204,12 +204,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     counts=end.val.counts,
                     scalars=False,
                 )
-            if end.test is not None:
+            if end.final and end.test is not None:
                 logger.log_evaluation(
                     "test", end.test.results, class_counts, class_names, counts=end.test.counts
                 )
             if end.train is not None:
-                per_epoch = {k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}
+                # test/* before the last epoch: train.test_from_epoch (scalars only)
+                stepped = ("train/", "val/") if end.final else ("train/", "val/", "test/")
+                per_epoch = {k: v for k, v in metrics.items() if k.startswith(stepped)}
                 logger.log_metrics(per_epoch, step=end.epoch - 1)
         if not end.checkpoint_due:
             ray.train.report(metrics)

@@ -40,13 +40,19 @@ def _reproduce(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_reproduce_runs_resume_and_are_not_trained_twice(tmp_path):
     write_parquet_folder(tmp_path / "raw", train_per_class=48, test_per_class=4)
-    first = _reproduce(tmp_path, "--results", str(tmp_path / "results.jsonl"))
+    results = str(tmp_path / "results.jsonl")
+    first = _reproduce(tmp_path, "--results", results, "--set", "train.test_from_epoch=1")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "| SHIKE (DKF + DKT, 3 experts) | 0 |" in first.stdout
     assert "| ResNet-32, cross-entropy | 0 |" in first.stdout
     finished = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {r["variant"] for r in finished} == {"shike", "ce"}
     assert all(r["resumed_from_epoch"] == 0 for r in finished)
+    # test after each epoch from 1: last against best; val against test on val's classes
+    for r in finished:
+        assert list(r["test_history"]) == ["1", "2"] and r["test_history"]["2"] == r["test"]["acc"]
+    assert first.stdout.count("against the best of epochs 1-2") == 2
+    assert first.stdout.count("classes with val images: val") == 2
     shike_dir = tmp_path / "ckpt" / "shike-seed0"
     assert (shike_dir / "state.pt").exists() and (shike_dir / "result.json").exists()
 

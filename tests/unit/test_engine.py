@@ -15,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.data.batch_augment import BatchAugment, augmented_batches, shuffled_batches
 from pipeline.data.sources import RawSplit
 from pipeline.data.torch_reader import make_loader
-from pipeline.fit import format_epoch_line
+from pipeline.fit import fit, format_epoch_line
 from pipeline.seeding import epoch_seed
 from pipeline.session import NonFiniteLossError, TrainingSession
 
@@ -286,3 +286,19 @@ def test_augmented_batches_depend_on_the_seed_only():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     other = _batches_of(make_loader(split, cfg.data, 8, train=True, seed=12))
     assert not torch.equal(in_process[0][0], other[0][0])
+
+
+def test_test_split_after_each_epoch_from_test_from_epoch():
+    """train.test_from_epoch: the test split is also evaluated after the epochs from that one
+    on (last against best of the last epochs); the run's result stays the last epoch's."""
+    cfg = _cfg(**{"train.test_from_epoch": 2})
+    split = _split(4)
+    session = TrainingSession(cfg, COUNTS, torch.device("cpu"))
+    lines: list[str] = []
+    test = make_loader(split, cfg.data, 64, train=False)
+    ends = fit(session, _batches(cfg, split), test_batches=test, log=lines.append)
+    assert [end.test is not None for end in ends] == [False, True, True]
+    epoch_lines = [line for line in lines if line.startswith("epoch")]
+    assert ["test acc" in line for line in epoch_lines] == [False, True, False]
+    assert sum(line.startswith("test: top-1") for line in lines) == 1  # the final result only
+    assert "test/acc" in ends[1].metrics() and ends[2].final
