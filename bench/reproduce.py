@@ -262,6 +262,22 @@ def val_against_test(result: dict) -> list[str]:
     ]
 
 
+def paired_difference(results: list[dict], a: str, b: str) -> list[str]:
+    """A table row: top-1 of `a` minus `b` over the seeds both finished (the same seed means the
+    same data order and initialisation draws), with its mean ± std over seeds."""
+    top1 = {(r["variant"], r["seed"]): r["test"]["acc"] for r in results}
+    seeds = sorted(s for v, s in top1 if v == a and (b, s) in top1)
+    if not seeds:
+        return []
+    diffs = [100 * (top1[a, s] - top1[b, s]) for s in seeds]
+    spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
+    each = ", ".join(f"{d:+.2f}" for d in diffs)
+    return [
+        f"| {VARIANTS[a][0]} − {VARIANTS[b][0]}, paired by seed | {', '.join(map(str, seeds))} | "
+        f"{statistics.mean(diffs):+.2f}{spread} ({each}) | | | | | |"
+    ]
+
+
 def results_table(args: argparse.Namespace, results: list[dict], stopped: list[str]) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:.2f}"
@@ -291,6 +307,7 @@ def results_table(args: argparse.Namespace, results: list[dict], stopped: list[s
                 f"| {VARIANTS[variant][0]}: mean ± std over {len(top1)} seeds | | "
                 f"{pct(statistics.mean(top1))} ± {pct(statistics.stdev(top1))} | | | | | |"
             )
+    rows += paired_difference(results, "shike", "balanced_softmax")
     if args.report:
         text = "from saved results: " + ", ".join(args.report)
     else:

@@ -112,6 +112,8 @@ def test_report_tables_saved_results_over_seeds_and_refuses_bad_ones(tmp_path):
         _saved_result(tmp_path / "a" / "result.json", "shike", 0, 0.80),
         _saved_result(tmp_path / "b" / "result.json", "shike", 1, 0.82),
         _saved_result(tmp_path / "c" / "result.json", "ce", 0, 0.70),
+        _saved_result(tmp_path / "bs0" / "result.json", "balanced_softmax", 0, 0.78),
+        _saved_result(tmp_path / "bs1" / "result.json", "balanced_softmax", 1, 0.79),
     ]
     report = _report(*files)
     assert report.returncode == 0, report.stderr[-2000:]
@@ -120,6 +122,8 @@ def test_report_tables_saved_results_over_seeds_and_refuses_bad_ones(tmp_path):
         report.stdout
     )
     assert "| ResNet-32, cross-entropy | 0 | 70.00 |" in report.stdout
+    paired = "| SHIKE (DKF + DKT, 3 experts) − ResNet-32, balanced softmax, paired by seed | 0, 1 |"
+    assert f"{paired} +2.50 ± 0.71 (+2.00, +3.00) |" in report.stdout
     assert "cross-entropy: mean" not in report.stdout and "started" not in report.stdout
 
     duplicate = _saved_result(tmp_path / "d" / "result.json", "shike", 1, 0.5)
