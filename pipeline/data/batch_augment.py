@@ -22,6 +22,7 @@ device-to-host sync: `apply` uploads one small index tensor per AutoAugment slot
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ SIGNED_OPS = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=None)
 def magnitude(op: str, bin_index: int | None, size: int) -> float:
     """AutoAugment's magnitude of `op` at `bin_index` (of NUM_BINS) for square images of
     `size`, unsigned; computed with the same float32 linspace as torchvision's table."""

@@ -101,3 +101,20 @@ def _wait_dashboard(port: int, timeout_s: float = 60) -> None:
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"Ray dashboard on port {port} did not come up in {timeout_s}s")
+
+
+def submit_job(dashboard: str, entrypoint: list[str], cwd: Path, env: dict, timeout: float):
+    """`ray job submit --address <dashboard> --working-dir . -- <entrypoint>`, run to its end.
+
+    The head hands a submission to its dashboard agent and gives up after 10 s when that agent
+    does not answer ("No available agent to submit job, please try again later."), which a
+    loaded 2-core machine can cause: as the message says, submit again (three tries)."""
+    cmd = [_ray_bin(), "job", "submit", "--address", dashboard, "--working-dir", ".", "--"]
+    for attempt in range(3):
+        proc = subprocess.run(
+            [*cmd, *entrypoint], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or attempt == 2:
+            return proc
+        time.sleep(5)
+    raise AssertionError("unreachable")
