@@ -19,19 +19,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-SMOKE_DATA := .data/cifar10-lt-if100-smoke
+QUICKSTART_DATA := .data/cifar10-lt-if100-quickstart
 
-# Prepare CIFAR-10-LT shards into a local "object store" folder, train configs/smoke.yaml with
-# 2 Ray Train workers on CPU, record the run in MLflow (./mlflow.db) and register the model.
+# Prepare CIFAR-10-LT shards (IF 100, 1,000 head images; the sizes configs/quickstart.yaml
+# states) into a local "object store" folder, train configs/quickstart.yaml with 2 Ray Train
+# workers on CPU, record the run in MLflow (./mlflow.db) and register the model.
 quickstart: install
-	$(BIN)/python -m jobs.prepare_data --dataset cifar10 --imbalance-factor 100 --n-max 500 \
-	    --val-per-class 20 --test-per-class 100 --output $(SMOKE_DATA)
-	$(BIN)/python -m jobs.train --config configs/smoke.yaml --run-name quickstart-$$(date +%Y%m%d-%H%M%S) \
-	    --set data.uri=$(SMOKE_DATA)
+	$(BIN)/python -m jobs.prepare_data --dataset cifar10 --imbalance-factor 100 --n-max 1000 \
+	    --val-per-class 20 --test-per-class 100 --output $(QUICKSTART_DATA)
+	$(BIN)/python -m jobs.train --config configs/quickstart.yaml --run-name quickstart-$$(date +%Y%m%d-%H%M%S) \
+	    --set data.uri=$(QUICKSTART_DATA)
 	@echo
 	@echo "MLflow UI:    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1  (then http://127.0.0.1:5000)"
 	@echo "Load model:   $(BIN)/python -c \"import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); m = mlflow.pyfunc.load_model('models:/shike-cifar10-lt-if100@candidate'); print(m.metadata.metadata)\""
-	@echo "Without Ray:  $(BIN)/python -m pipeline.engine --config configs/smoke.yaml"
+	@echo "Without Ray:  $(BIN)/python -m pipeline.engine --config configs/quickstart.yaml"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -22,6 +22,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_verbose_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose", action="store_true",
+        help="also show Ray's and MLflow's own INFO logging (Ray Train's reports, Ray Data's "
+        "execution plans, ...); by default they show warnings and errors only",
+    )  # fmt: skip
+
+
 def add_inference_options(p: argparse.ArgumentParser) -> None:
     """--workers, --batch-size, --threads and --tracking-uri."""
     p.add_argument(

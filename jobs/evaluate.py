@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs._options import add_inference_options, apply_threads
+from jobs._options import add_inference_options, add_verbose_argument, apply_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="CSV", help="write the per-class table here")
     p.add_argument("--no-log", action="store_true", help="do not log an MLflow evaluation run")
     add_inference_options(p)
+    add_verbose_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_threads(args)
+    from pipeline.distributed import console
+
+    console.setup_console(args.verbose)
 
     from pipeline.data import DataError
     from pipeline.evaluation import evaluate_model, log_evaluation_run

@@ -19,7 +19,7 @@ import argparse
 import math
 import sys
 
-from jobs._options import add_inference_options, apply_threads
+from jobs._options import add_inference_options, add_verbose_argument, apply_threads
 
 
 def _margin(text: str) -> float:
@@ -53,12 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="decide and print; change nothing")
     add_inference_options(p)
+    add_verbose_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_threads(args)
+    from pipeline.distributed import console
+
+    console.setup_console(args.verbose)
 
     import warnings
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs._options import add_verbose_argument
 from pipeline.config import add_override_argument
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-register", action="store_true", help="do not register the model in MLflow"
     )
+    add_verbose_argument(parser)
     return parser
 
 
@@ -47,10 +49,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from pipeline.distributed import console
+
+    console.setup_console(args.verbose)
     from pipeline.data import DataError
     from pipeline.distributed.train import TrainingJobError, run_training_job
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking import TrackingError, resolve_tracking_uri
 
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    console.say(
+        f"training run '{args.run_name or cfg.name}': {cfg.model.arch}, stage-1 loss "
+        f"{cfg.loss.stage1}, {cfg.optim.epochs} epochs, data {cfg.data.uri or '(data.uri not set)'}"
+    )
+    gpu = {"auto": " (+ 1 GPU each where the cluster has GPUs)", "true": " + 1 GPU", "false": ""}
+    console.say(
+        f"Ray: {console.ray_target()}, {cfg.cluster.num_workers} Train workers x "
+        f"{cfg.cluster.cpus_per_worker:g} CPU{gpu[cfg.cluster.use_gpu]} | MLflow: {uri}, "
+        f"experiment '{cfg.tracking.experiment}'"
+    )
     try:
         outcome = run_training_job(cfg, args.run_name, register=False if args.no_register else None)
     except (DataError, TrackingError, TrainingJobError) as exc:
@@ -68,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  model            models:/{model_name_for(cfg)}@candidate (version {outcome.model_version})"
         )
+    print(f"  MLflow           {uri}, experiment '{cfg.tracking.experiment}'")
+    if not uri.startswith(("http://", "https://", "databricks")):
+        print(f"  MLflow UI        mlflow ui --backend-store-uri {uri}")
     return 0
 
 

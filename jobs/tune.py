@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs._options import add_verbose_argument
 from pipeline.config import add_override_argument
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-register", action="store_true", help="do not register the best trial's model"
     )
+    add_verbose_argument(parser)
     return parser
 
 
@@ -49,10 +51,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from pipeline.distributed import console
+
+    console.setup_console(args.verbose)
     from pipeline.data import DataError
     from pipeline.distributed.tune import SweepInterrupted, run_sweep
-    from pipeline.tracking import TrackingError
+    from pipeline.tracking import TrackingError, resolve_tracking_uri
 
+    uri = resolve_tracking_uri(base.tracking.tracking_uri)
+    console.say(
+        f"sweep '{args.name or spec.name}': {spec.expected_trials()} trials of {base.model.arch}, "
+        f"up to {base.optim.epochs} epochs each ({spec.scheduler.type}), {spec.metric} "
+        f"({spec.mode}), data {base.data.uri or '(data.uri not set)'}"
+    )
+    console.say(
+        f"Ray: {console.ray_target()}, {base.cluster.num_workers} Train worker(s) per trial | "
+        f"MLflow: {uri}, experiment '{base.tracking.experiment}'"
+    )
     try:
         summary = run_sweep(spec, base, args.name, register=not args.no_register)
     except SweepInterrupted as exc:
@@ -77,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best: {summary['best']['trial_id']} ({metric} {summary['best'][metric]:.4f})")
     if "model_version" in summary:
         print(f"registered as candidate: version {summary['model_version']}")
+    print(
+        f"MLflow: {uri}, experiment '{base.tracking.experiment}', parent run {summary['parent_run_id']}"
+    )
     return 0
 
 

@@ -239,8 +239,8 @@ def log_evaluation_run(
     experiment: str = EVAL_EXPERIMENT,
 ) -> str:
     """Log `report` as an MLflow run of `experiment` (one run per model version, split and
-    dataset: re-running reuses it) and tag the model version `eval_<split>_acc`. Returns the
-    run id."""
+    dataset: re-running reuses it), with the evaluated split as its dataset input, and tag the
+    model version `eval_<split>_acc`. Returns the run id."""
     uri = resolve_tracking_uri(tracking_uri)
     tags = {
         TAG_EVAL_MODEL_NAME: report.model_name,
@@ -255,6 +255,7 @@ def log_evaluation_run(
     log = tracking.RunLogger(uri, run_id)
     try:
         log.log_manifest(report.manifest)
+        log.log_datasets(report.manifest, [report.split])  # its "Datasets" entry, once
         log.log_evaluation(
             report.split,
             report.results,

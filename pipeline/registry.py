@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -35,9 +36,11 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.credentials import redact_uri
+from pipeline.mlflow_lineage import dataset_location
 from pipeline.mlflow_store import (
     check_tracking_server,
     checked_tags,
+    checked_value,
     mlflow_uris,
     resolve_tracking_uri,
 )
@@ -49,12 +52,26 @@ from pipeline.model_versions import (
     pinned_model_uri,
 )
 from pipeline.models import ImageClassifier
-from pipeline.tracking import TAG_CONFIG_HASH, TAG_MANIFEST_HASH, TAG_RUN_NAME
+from pipeline.tracking import (
+    TAG_CONFIG_HASH,
+    TAG_MANIFEST_HASH,
+    TAG_RUN_NAME,
+    manifest_hash,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import Config
+    from pipeline.data.manifest import Manifest
 
 MODEL_ARTIFACT_NAME = "model"
+# The registered model's description, set when it has none (each version describes itself).
+MODEL_DESCRIPTION = (
+    "SHIKE image classifiers (mixture-of-experts ResNet for long-tailed recognition). Input: "
+    "uint8 RGB images (N, H, W, 3); output: class probabilities (N, C); class names in the "
+    "model's metadata. Each finished training run registers a version and moves the "
+    "`candidate` alias to it; `jobs.promote` moves `champion` when the candidate is better on "
+    "the held-out split. Each version's description states its recipe, data and test scores.\n"
+)
 CLASS_NAMES_FILE = "class_names.json"
 
 # Why the pickle format and not MLflow 3.17's default `pt2` (torch.export):
@@ -93,6 +110,84 @@ def model_name_for(cfg: Config) -> str:
     if cfg.model.arch != "shike_resnet32":
         name += "-" + cfg.model.arch.replace("_", "-")
     return name
+
+
+# ---- descriptions ------------------------------------------------------------------------------
+
+
+def _percent(value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{100 * number:.2f}%" if math.isfinite(number) else "n/a"
+
+
+def _metric(metrics: Mapping[str, Any], split: str, key: str) -> Any:
+    """`metrics["test/acc"]`, or its underscored form `test_acc` (what version tags use)."""
+    return metrics.get(f"{split}/{key}", metrics.get(f"{split}_{key}"))
+
+
+def _scores_line(label: str, metrics: Mapping[str, Any], split: str) -> str | None:
+    if _metric(metrics, split, "acc") is None:
+        return None
+    groups = " / ".join(
+        f"{group} {_percent(_metric(metrics, split, f'acc_{group}'))}"
+        for group in ("many", "medium", "few")
+        if _metric(metrics, split, f"acc_{group}") is not None
+    )
+    line = f"**{label}**: top-1 {_percent(_metric(metrics, split, 'acc'))}"
+    if groups:
+        line += f"; {groups}"
+    ece = _metric(metrics, split, "ece")
+    try:
+        if ece is not None and math.isfinite(float(ece)):
+            line += f"; ECE {float(ece):.4f}"
+    except (TypeError, ValueError):
+        pass
+    return line + "."
+
+
+def version_description(
+    cfg: Config,
+    manifest: Manifest,
+    metrics: Mapping[str, Any] | None = None,
+    *,
+    run_name: str | None = None,
+) -> str:
+    """The model version's description (Markdown, shown on its page in the MLflow UI): the
+    recipe (config name and hash, architecture, losses, epochs, seed), the data (dataset, URI,
+    manifest hash, training images) and the held-out scores in `metrics` (`test/acc`,
+    `test/acc_many|medium|few`, `test/ece`; `val/...` too when given)."""
+    metrics = metrics or {}
+    loss = cfg.loss
+    stage1 = f"`{loss.stage1}`"
+    if loss.stage1 == "shike":
+        stage1 += f" (CE {loss.ce_weight:g}, DKT {loss.dkt_weight:g}, MD {loss.md_weight:g})"
+    losses = f"stage 1 {stage1}"
+    if cfg.optim.stage2_start < cfg.optim.epochs:
+        losses += f", stage 2 `{loss.stage2}` from epoch {cfg.optim.stage2_start}"
+    trained_by = f", trained by run `{run_name}`" if run_name else ""
+    train_rows = manifest.splits["train"].num_rows if "train" in manifest.splits else None
+    data_uri = dataset_location(manifest) or cfg.data.uri
+    lines = [
+        f"SHIKE image classifier for the {manifest.num_classes} classes of "
+        f"`{manifest.dataset}`{trained_by}.",
+        "",
+        f"**Recipe**: config `{cfg.name}` (hash `{cfg.config_hash()}`), arch "
+        f"`{cfg.model.arch}`, loss {losses}, {cfg.optim.epochs} epochs, seed {cfg.train.seed}.",
+        "",
+        f"**Data**: `{manifest.dataset}` (imbalance factor {manifest.imbalance_factor:g}) at "
+        f"`{data_uri}`, manifest hash `{manifest_hash(manifest)}`"
+        + (f", {train_rows:,} training images." if train_rows is not None else "."),
+        "",
+        _scores_line("Test", metrics, "test")
+        or "**Test**: not evaluated in this run (`jobs.evaluate --split test` scores it).",
+    ]
+    val = _scores_line("Validation", metrics, "val")
+    if val:
+        lines += ["", val]
+    return "\n".join(lines) + "\n"
 
 
 # ---- logging and registering -----------------------------------------------------------------
@@ -167,6 +262,7 @@ def log_and_register(
     metrics: Mapping[str, Any] | None = None,
     alias: str | None = CANDIDATE,
     tracking_uri: str | None = None,
+    description: str | None = None,
 ) -> ModelVersion:
     """Log `model` (a trained ShikeNet, in the stage whose heads should serve, or an
     `ImageClassifier`) as the run's inference model and register it as a new version of `name`.
@@ -174,8 +270,9 @@ def log_and_register(
     The logged model has a signature (uint8 (-1, H, W, 3) -> float32 (-1, C)), a two-image
     input example, `class_names` in its MLmodel metadata and as `class_names.json`, and
     `class_names` on the loaded module. The version is tagged with `metrics` (`val/acc` ->
-    tag `val_acc`), the run id and the run's config / dataset hashes; `alias` (default
-    `candidate`, None for none) is moved to it. Returns the version as stored.
+    tag `val_acc`), the run id and the run's config / dataset hashes, and described by
+    `description` (Markdown, e.g. `version_description`; URI passwords masked); `alias`
+    (default `candidate`, None for none) is moved to it. Returns the version as stored.
     """
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_server(uri)
@@ -218,6 +315,8 @@ def log_and_register(
         if key in run.data.tags:
             version_tags[key] = run.data.tags[key]
     version_tags = checked_tags(version_tags, "model version tag")
+    if description is not None:
+        description = checked_value("model version", "description", description)
 
     # The LoggedModel is created explicitly in the run's experiment: MLflow's fluent helper
     # would otherwise pick the process's "current" experiment (Default, or $MLFLOW_EXPERIMENT_ID).
@@ -243,6 +342,10 @@ def log_and_register(
                 serialization_format=SERIALIZATION_FORMAT,
             )
             mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    if description:
+        client.update_model_version(name, mv.version, description=description)
+    if not client.get_registered_model(name).description:  # a user's own text is kept
+        client.update_registered_model(name, description=MODEL_DESCRIPTION)
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return client.get_model_version(name, mv.version)

@@ -8,9 +8,12 @@ into the same run by its id without stepping on each other.
     run_id = start_or_resume_run(uri, cfg.tracking.experiment, run_name, standard_tags(cfg))
     log = RunLogger(uri, run_id)
     log.log_config(cfg)                         # params (immutable: re-logging must agree) + YAML
+    log.log_datasets(manifest, ["train", "val"])  # the splits read: MLflow dataset inputs, once
     log.log_metrics({"train/loss": 0.7}, step=epoch)
     log.log_evaluation("test", results, class_counts, class_names, counts=eval_counts)
     log.finish("FINISHED")
+
+Dataset inputs and system metrics: `pipeline/mlflow_lineage.py`.
 
 Which store, its health probe and the credential guard every param and tag passes:
 `pipeline/mlflow_store.py` (`resolve_tracking_uri` and `check_tracking_server` are part of this
@@ -30,13 +33,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.entities import DatasetInput, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import plots
 from pipeline.config import EXECUTION_SETTINGS
 from pipeline.credentials import redact_uri
+from pipeline.mlflow_lineage import dataset_inputs
 from pipeline.mlflow_store import (
     TrackingError,
     check_tracking_server,
@@ -157,6 +161,12 @@ def start_or_resume_run(
         run_id = client.create_run(exp_id, run_name=run_name).info.run_id
     _log_tags(client, run_id, all_tags)
     return run_id
+
+
+def run_name_of(uri: str, run_id: str) -> str | None:
+    """The run name (`shike.run_name`, else MLflow's display name) of run `run_id`."""
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    return run.data.tags.get(TAG_RUN_NAME) or run.info.run_name or None
 
 
 def _log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
@@ -289,6 +299,20 @@ class RunLogger:
         )
         self.log_tags({TAG_MANIFEST_HASH: digest})
         return digest
+
+    def log_datasets(
+        self, manifest: Any, splits: Sequence[str], *, uri: str | None = None
+    ) -> list[DatasetInput]:
+        """`splits` of the dataset as the run's MLflow dataset inputs (`dataset_inputs`; shown
+        under "Datasets" in the UI). Idempotent: inputs the run already has (same name and
+        digest) are not logged again, so a resumed run keeps one input per split."""
+        wanted = dataset_inputs(manifest, splits, digest=manifest_hash(manifest), uri=uri)
+        run = self.client.get_run(self.run_id)
+        have = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+        todo = [d for d in wanted if (d.dataset.name, d.dataset.digest) not in have]
+        if todo:
+            self.client.log_inputs(self.run_id, datasets=todo)
+        return wanted
 
     # -- metrics
 

@@ -76,7 +76,7 @@ SIGNED_OPS = frozenset(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def magnitude(op: str, bin_index: int | None, size: int) -> float:
     """AutoAugment's magnitude of `op` at `bin_index` (of NUM_BINS) for square images of
     `size`, unsigned; computed with the same float32 linspace as torchvision's table."""

@@ -192,9 +192,14 @@ def split_dataset(
 def quiet_progress() -> None:
     """Ray Data's per-operator progress bars print several lines per epoch and split; the
     training loop prints its own one line per epoch instead."""
+    from ray.util.debug import log_once
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+    # Ray Data warns once per process that the bars are off ("Progress bars disabled. To
+    # enable, ..."): they are off on purpose, so that notice is marked as given.
+    log_once("ray_data_progress_manager_disabled")
 
 
 def training_datasets(

@@ -7,14 +7,22 @@ finished; the per-worker loop is pipeline.distributed.worker.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 import ray.train
-from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import DataContext, ExecutionOptions
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 from torch import nn
 
@@ -25,6 +33,7 @@ from pipeline.data.ray_reader import training_datasets
 from pipeline.data.shards import Manifest
 from pipeline.data.storage import is_s3, resolve
 from pipeline.data.transforms import normalization
+from pipeline.distributed import console
 from pipeline.distributed.worker import train_loop_per_worker
 from pipeline.models import build_model
 from pipeline.session import NonFiniteLossError
@@ -84,14 +93,30 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.cluster.num_to_keep),
             callbacks=callbacks,
+            # `ray.train` logs each report (TrainingReport(...) with every metric) at INFO
+            logging_config=LoggingConfig(log_level=console.train_log_level()),
         ),
         datasets=datasets,
         # Only the training split is sharded across workers; rank 0 evaluates val/test whole,
         # so the logged metrics are exact (an equal split would drop up to world-1 rows).
         dataset_config=DataConfig(
-            datasets_to_split=["train"], execution_options={"train": _ordered_ingest_options()}
+            datasets_to_split=["train"],
+            execution_options={
+                name: _ordered_ingest_options() if name == "train" else _ingest_options()
+                for name in datasets
+            },
         ),
     )
+
+
+def _ingest_options() -> ExecutionOptions:
+    """Ray Train's default ingest options: a copy of the DataContext's execution options.
+
+    Ray Train's own `DataConfig.default_ingest_options()` (used for every dataset without
+    options of its own) rebuilds them through the deprecated `exclude_resources` argument and
+    warns in the driver and in the DatasetManager actor on each run; a copy never calls it.
+    """
+    return copy.deepcopy(DataContext.get_current().execution_options)
 
 
 def _ordered_ingest_options() -> ExecutionOptions:
@@ -102,7 +127,7 @@ def _ordered_ingest_options() -> ExecutionOptions:
     a function of its seed (with several workers, which rank gets which block still depends on
     timing: Ray's streaming split hands blocks to whichever worker asks first).
     """
-    options = DataConfig.default_ingest_options()
+    options = _ingest_options()
     options.preserve_order = True
     return options
 
@@ -116,8 +141,9 @@ def open_tracked_run(
     parent_run_id: str | None = None,
     eval_splits: tuple[str, ...] = ("val", "test"),
 ):
-    """Datasets from the manifest, the run's MLflow run (created or resumed by run name, config
-    and manifest logged) and the per-worker loop config: (manifest, datasets, logger, loop_config)."""
+    """Datasets from the manifest, the run's MLflow run (created or resumed by run name; config,
+    manifest and the splits read as dataset inputs logged) and the per-worker loop config:
+    (manifest, datasets, logger, loop_config)."""
     manifest, datasets = training_datasets(
         cfg.data.uri,
         cfg.data.augment,
@@ -137,6 +163,8 @@ def open_tracked_run(
     logger = tracking.RunLogger(uri, run_id)
     logger.log_config(cfg)
     logger.log_manifest(manifest.to_dict())
+    # The splits this run reads, as MLflow dataset inputs (a resumed run logs none twice).
+    logger.log_datasets(manifest, [split for split in ("train", *eval_splits) if split in datasets])
     loop_config = {
         "config": cfg.to_dict(),
         "class_counts": list(manifest.class_counts),
@@ -173,7 +201,7 @@ def run_training_job(
     tracking.check_tracking_server(uri)  # before any worker starts
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, **console.ray_init_kwargs())
     manifest, datasets, logger, loop_config = open_tracked_run(cfg, run_name, uri)
     run_id = logger.run_id
     trainer = build_trainer(cfg, run_name, datasets, loop_config)
@@ -209,7 +237,9 @@ def register_trained_model(
     """Log the checkpoint's model in its MLflow run and register it (alias `candidate`); the
     version. Its signature takes the images the model was trained on: the dataset's own size
     (CIFAR-style), else data.image_size (ImageNet-style datasets, whose sizes vary: callers
-    resize and centre-crop first, `transforms.evaluation_crop`). Used by jobs.train and jobs.tune."""
+    resize and centre-crop first, `transforms.evaluation_crop`). The version's description
+    states the recipe, the data and the test scores in `metrics` (`registry.version_description`).
+    Used by jobs.train and jobs.tune."""
     model = load_trained_model(checkpoint, cfg, manifest.num_classes)
     mean, std = normalization(cfg.data.augment)
     image_size = manifest.image_shape[0] if manifest.image.fixed_size else cfg.data.image_size
@@ -223,6 +253,9 @@ def register_trained_model(
         image_size=image_size,
         metrics={k.replace("/", "_"): v for k, v in metrics.items()},
         tracking_uri=tracking_uri,
+        description=registry.version_description(
+            cfg, manifest, metrics, run_name=tracking.run_name_of(tracking_uri, run_id)
+        ),
     )
     return str(version.version)
 

@@ -261,7 +261,9 @@ def run_sweep(
     uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
     tracking.check_tracking_server(uri)
     if not ray.is_initialized():
-        ray.init()
+        from pipeline.distributed import console
+
+        ray.init(**console.ray_init_kwargs())
     check_state_api()
     parent_id = tracking.start_or_resume_run(
         uri, base.tracking.experiment, name, {"shike.sweep": name, "shike.kind": "sweep"}

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline import tracking
+from pipeline import mlflow_lineage, tracking
 from pipeline.config import Config
 from pipeline.data.batch_augment import BatchAugment, augmented_batches
 from pipeline.data.ray_reader import quiet_progress
@@ -225,12 +225,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def split_batches(name: str) -> EvalBatches | None:
         return EvalBatches.of_split(name) if lead and name in eval_splits else None
 
-    fit(
-        session,
-        epoch_batches,
-        val_batches=split_batches("val"),
-        test_batches=split_batches("test"),
-        reduce=lambda stats: _reduce_train_stats(stats, device, session.objective.part_names),
-        on_epoch_end=report,
-        log=(lambda line: log.info("[shike] %s", line)) if lead else (lambda line: None),
-    )
+    # The lead worker's machine: CPU, memory, disk, network (and GPUs) as `system/...` metrics.
+    with mlflow_lineage.system_metrics(
+        loop_config["tracking_uri"], loop_config["run_id"], enabled=lead
+    ):
+        fit(
+            session,
+            epoch_batches,
+            val_batches=split_batches("val"),
+            test_batches=split_batches("test"),
+            reduce=lambda stats: _reduce_train_stats(stats, device, session.objective.part_names),
+            on_epoch_end=report,
+            log=(lambda line: log.info("[shike] %s", line)) if lead else (lambda line: None),
+        )

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers.cifar_archives import write_parquet_folder
 from tests.helpers.processes import interrupt, start_driver
-from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S
+from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S, submit_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(RAY_JOB_TEST_TIMEOUT_S)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,26 +188,8 @@ def test_submitted_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset
     one MLflow run with per-epoch metrics, params, plots, and the model registered as
     `candidate`, which loads as a pyfunc and reproduces the run's val metrics. Ray Data
     delivers uint8 images, which each worker augments on its own device."""
-    ray_bin = str(Path(sys.executable).with_name("ray"))
     entry = _train_cmd(tmp_path, tiny_dataset, "submitted", **{"data.augment_on": "device"})
-    proc = subprocess.run(
-        [
-            ray_bin,
-            "job",
-            "submit",
-            "--address",
-            ray_cluster.dashboard,
-            "--working-dir",
-            ".",
-            "--",
-            *entry,
-        ],
-        cwd=ROOT,
-        env=ray_cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
+    proc = submit_job(ray_cluster.dashboard, entry, ROOT, ray_cluster.env, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "run 'submitted' finished" in proc.stdout
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -237,6 +219,38 @@ def test_submitted_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset
     for key in ("acc", "acc_medium", "acc_few"):
         assert report.results[key] == pytest.approx(run.data.metrics[f"val/{key}"], abs=1e-12), key
     assert report.results["ece"] == pytest.approx(run.data.metrics["val/ece"], abs=1e-5)
+
+    # What MLflow's UI shows besides: the splits read as dataset inputs, the lead worker's
+    # system metrics, and the registered version's description.
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {f"cifar10-lt-if4-{split}" for split in ("train", "val", "test")}
+    digest = run.data.tags["shike.dataset_manifest_hash"]
+    assert {d.dataset.digest for d in inputs.values()} == {digest}
+    train_input = inputs["cifar10-lt-if4-train"]
+    assert [(t.key, t.value) for t in train_input.tags] == [("mlflow.data.context", "training")]
+    assert json.loads(train_input.dataset.source) == {"uri": Path(tiny_dataset).as_uri()}
+    assert sum(json.loads(train_input.dataset.profile)["class_counts"]) > 0
+    assert "system/cpu_utilization_percentage" in logged
+    assert "system/system_memory_usage_megabytes" in logged
+    description = mv.description
+    assert "trained by run `submitted`" in description
+    assert f"hash `{run.data.tags['shike.config_hash']}`" in description
+    assert f"manifest hash `{digest}`" in description
+    assert f"**Test**: top-1 {100 * logged['test/acc']:.2f}%" in description
+
+    # The job's console (pipeline.distributed.console): the project's own lines, each once;
+    # none of Ray Train's per-report dumps, Ray Data's execution plans, or deprecation warnings
+    # from the project's calls.
+    console = proc.stdout + proc.stderr
+    lines = console.splitlines()
+    assert "[shike] training run 'submitted'" in console, console[-3000:]
+    assert len([ln for ln in lines if "[shike] epoch" in ln]) == 3, console[-3000:]
+    assert len([ln for ln in lines if "[shike] test: top-1" in ln]) == 1, console[-3000:]
+    assert "TrainingReport(" not in console, console[-3000:]
+    assert "Execution plan of Dataset" not in console, console[-3000:]
+    assert "Downloading artifacts" not in console, console[-3000:]
+    deprecated = [ln for ln in lines if "DeprecationWarning" in ln or "is deprecated" in ln]
+    assert not deprecated, deprecated
 
 
 def test_unreachable_tracking_server_fails_before_workers_start(tiny_dataset, tmp_path):

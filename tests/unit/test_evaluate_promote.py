@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import re
 import subprocess
@@ -272,6 +273,14 @@ def test_evaluate_job_prints_writes_csv_and_logs_one_run(dataset, store, models,
     assert {"val/per_class.csv", "val/per_class_accuracy.png", "val/reliability.png"} <= artifacts
     tags = client.get_model_version(MODEL, version).tags
     assert float(tags["eval_val_acc"]) == pytest.approx(acc)
+    # The evaluated split is the run's one dataset input, logged once over both evaluations.
+    [entry] = run.inputs.dataset_inputs
+    assert entry.dataset.name == "cifar10-lt-if3-val"
+    assert entry.dataset.digest == digest
+    assert json.loads(entry.dataset.source) == {"uri": Path(uri).resolve().as_uri()}
+    profile = json.loads(entry.dataset.profile)
+    assert profile["num_rows"] == 60 and profile["class_counts"] == [6] * 10
+    assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "validation")]
 
     # --no-log: nothing is written to MLflow.
     bad_version = models["bad"][0]

@@ -186,6 +186,66 @@ def test_registering_an_image_classifier_and_a_wrong_class_count(store):
     torch.testing.assert_close(loaded(x), wrapper(x), atol=1e-5, rtol=0)
 
 
+def test_version_description_states_recipe_data_and_scores(store, tmp_path):
+    from pipeline.data.manifest import read_manifest
+
+    data = tmp_path / "c10-lt"
+    data.mkdir()
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "manifest_cifar10_v1.json"
+    (data / "manifest.json").write_bytes(fixture.read_bytes())
+    manifest = read_manifest(str(data))
+    cfg = build_config(
+        {
+            "name": "smoke-desc",
+            "data": {"dataset": "cifar10", "imbalance_factor": 10, "uri": "c10-lt"},
+            "optim": {"epochs": 4, "stage2_start": 3},
+            "train": {"seed": 7},
+        }
+    )
+    metrics = {
+        "test/acc": 0.4125, "test/acc_many": float("nan"), "test/acc_medium": 0.5,
+        "test/acc_few": 0.3, "test/ece": 0.0531, "val/acc": 0.45,
+    }  # fmt: skip
+    text = registry.version_description(cfg, manifest, metrics, run_name="described-run")
+    text += "\nRe-run: `--set data.uri=s3://rd:pw1234@bkt/c10`\n"  # a password is masked
+    run_id = tracking.start_or_resume_run(store, "exp-registry", "described-run")
+    mv = registry.log_and_register(
+        run_id, tiny_shike(5), manifest.class_names, "shike-described", mean=CIFAR_MEAN,
+        std=CIFAR_STD, metrics=metrics, tracking_uri=store, description=text,
+    )  # fmt: skip
+    client = MlflowClient(store)
+    stored = client.get_model_version("shike-described", mv.version).description
+    assert stored == mv.description == text.replace("rd:pw1234@", "rd:***@")
+    for part in (
+        "SHIKE image classifier for the 10 classes of `cifar10`, trained by run `described-run`.",
+        "config `smoke-desc`",  # recipe
+        f"hash `{cfg.config_hash()}`",
+        "arch `shike_resnet32`",
+        "loss stage 1 `shike` (CE 1, DKT 10, MD 1), stage 2 `balanced_softmax` from epoch 3",
+        "4 epochs, seed 7",
+        "`cifar10` (imbalance factor 10)",  # data
+        f"at `{data.as_uri()}`, manifest hash `{tracking.manifest_hash(manifest)}`",
+        "s3://rd:***@bkt/c10",
+        "118 training images",
+        "**Test**: top-1 41.25%; many n/a / medium 50.00% / few 30.00%; ECE 0.0531.",  # scores
+        "**Validation**: top-1 45.00%",
+    ):
+        assert part in stored, part
+    assert "pw1234" not in stored
+    # The registered model is described once; a user's own text is kept.
+    assert client.get_registered_model("shike-described").description == registry.MODEL_DESCRIPTION
+    client.update_registered_model("shike-described", description="ours")
+    sweep_text = registry.version_description(cfg, manifest, {"val/acc": 0.4})
+    assert "**Test**: not evaluated in this run" in sweep_text
+    assert "**Validation**: top-1 40.00%." in sweep_text
+    v2 = registry.log_and_register(
+        run_id, tiny_shike(6), manifest.class_names, "shike-described", mean=CIFAR_MEAN,
+        std=CIFAR_STD, tracking_uri=store, description=sweep_text,
+    )  # fmt: skip
+    assert v2.description == sweep_text
+    assert client.get_registered_model("shike-described").description == "ours"
+
+
 # ---- lookup errors ---------------------------------------------------------------------------
 
 

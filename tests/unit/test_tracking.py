@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipeline.metrics import EvalCounts
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipeline import credentials, mlflow_store, tracking  # noqa: E402
+from pipeline import credentials, mlflow_lineage, mlflow_store, tracking  # noqa: E402
 from pipeline.tracking import RunLogger, TrackingError  # noqa: E402
 from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
@@ -295,6 +296,138 @@ def test_log_manifest_artifact_and_hash_tag(store, tmp_path):
     assert client.get_run(run_id).data.tags["shike.dataset_manifest_hash"] == digest
     path = client.download_artifacts(run_id, "dataset/manifest.json", str(tmp_path))
     assert json.loads(Path(path).read_text()) == manifest
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def _prepared_manifest(folder: Path):
+    """The CIFAR-10 fixture manifest published in `folder`, read back as readers read it."""
+    from pipeline.data.manifest import read_manifest
+
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_bytes((FIXTURES / "manifest_cifar10_v1.json").read_bytes())
+    return read_manifest(str(folder))
+
+
+def _inputs(store: str, run_id: str) -> dict[str, object]:
+    """The run's dataset inputs by name."""
+    run = MlflowClient(store).get_run(run_id)
+    return {d.dataset.name: d for d in run.inputs.dataset_inputs}
+
+
+def test_dataset_inputs_name_digest_source_profile_and_context(store, tmp_path):
+    manifest = _prepared_manifest(tmp_path / "c10-lt")
+    run_id = tracking.start_or_resume_run(store, "exp-datasets", "inputs-run")
+    logged = RunLogger(store, run_id).log_datasets(manifest, ["train", "val", "test"])
+    assert len(logged) == 3
+    assert tracking.run_name_of(store, run_id) == "inputs-run"
+    inputs = _inputs(store, run_id)
+    digest = tracking.manifest_hash(manifest)
+    assert digest == tracking.manifest_hash(manifest.to_dict())  # the run's manifest tag
+    contexts = {"train": "training", "val": "validation", "test": "testing"}
+    assert set(inputs) == {f"cifar10-lt-if10-{split}" for split in contexts}
+    for split, context in contexts.items():
+        entry = inputs[f"cifar10-lt-if10-{split}"]
+        dataset = entry.dataset
+        assert dataset.digest == digest
+        assert dataset.source_type == "local"
+        assert json.loads(dataset.source) == {"uri": (tmp_path / "c10-lt").as_uri()}
+        profile = json.loads(dataset.profile)
+        assert profile["num_rows"] == manifest.splits[split].num_rows
+        assert profile["class_counts"] == manifest.splits[split].class_counts
+        assert profile["num_classes"] == 10
+        assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", context)]
+        schema = json.loads(dataset.schema)["mlflow_colspec"]
+        assert [(c["name"], c["type"]) for c in schema] == [
+            ("image", "binary"),
+            ("label", "long"),
+            ("sample_id", "string"),
+        ]
+    assert json.loads(inputs["cifar10-lt-if10-train"].dataset.profile)["class_counts"] == [
+        30, 23, 17, 13, 10, 8, 6, 5, 3, 3,
+    ]  # fmt: skip
+
+    # Idempotent: a relaunch (same run name) logs them again; the run still has one per split,
+    # and so does the experiment. MLflow's own store deduplicates too (direct client call).
+    again = tracking.start_or_resume_run(store, "exp-datasets", "inputs-run")
+    assert again == run_id
+    RunLogger(store, again).log_datasets(manifest, ["train", "val", "test"])
+    MlflowClient(store).log_inputs(run_id, datasets=logged)
+    run = MlflowClient(store).get_run(run_id)
+    assert len(run.inputs.dataset_inputs) == 3
+    assert all(len(d.tags) == 1 for d in run.inputs.dataset_inputs)
+
+    # A second run reading the same data shares the experiment's dataset records.
+    other = tracking.start_or_resume_run(store, "exp-datasets", "inputs-run-2")
+    RunLogger(store, other).log_datasets(manifest, ["train"])
+    assert list(_inputs(store, other)) == ["cifar10-lt-if10-train"]
+
+
+def test_dataset_inputs_s3_source_without_credentials(store, tmp_path, monkeypatch):
+    manifest = _prepared_manifest(tmp_path / "c10")
+    # Another experiment: MLflow keys an experiment's datasets by (name, digest), so the same
+    # data logged from another location reuses the record (and source) logged first.
+    run_id = tracking.start_or_resume_run(store, "exp-datasets-s3", "inputs-s3")
+    RunLogger(store, run_id).log_datasets(
+        manifest, ["val"], uri="s3://reader:hunter2@bucket/datasets/c10"
+    )
+    [dataset] = [d.dataset for d in _inputs(store, run_id).values()]
+    assert dataset.source_type == "s3"
+    assert json.loads(dataset.source) == {"uri": "s3://reader:***@bucket/datasets/c10"}
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    with pytest.raises(TrackingError, match="AWS_SECRET_ACCESS_KEY"):
+        mlflow_lineage.dataset_inputs(
+            manifest, ["val"], digest="d", uri="s3://bucket/s3cr3t-value/c10"
+        )
+
+
+# ---- system metrics ----------------------------------------------------------------------------
+
+
+def _system_keys(store: str, run_id: str) -> set[str]:
+    return {k for k in MlflowClient(store).get_run(run_id).data.metrics if k.startswith("system/")}
+
+
+def test_system_metrics_logged_while_a_block_runs(store, monkeypatch, capfd):
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    run_id = tracking.start_or_resume_run(store, "exp-system", "monitored")
+    with mlflow_lineage.system_metrics(store, run_id, interval_s=0.2) as on:
+        assert on
+        time.sleep(1.0)
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+    keys = _system_keys(store, run_id)
+    assert {
+        "system/cpu_utilization_percentage",
+        "system/system_memory_usage_megabytes",
+        "system/disk_usage_percentage",
+        "system/network_receive_megabytes",
+    } <= keys
+    client = MlflowClient(store)
+    steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert steps == list(range(len(steps))) and len(steps) >= 2
+    assert "mlflow.system_metrics" not in capfd.readouterr().err  # its INFO lines, GPU skip
+
+    # A resumed run continues the steps; an error in the block still stops the monitor and
+    # logs its last window.
+    with pytest.raises(RuntimeError, match="boom"), mlflow_lineage.system_metrics(store, run_id):
+        raise RuntimeError("boom")
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+    more = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert more == [*steps, len(steps)]
+
+
+def test_system_metrics_off(store, monkeypatch):
+    run_id = tracking.start_or_resume_run(store, "exp-system", "unmonitored")
+    with mlflow_lineage.system_metrics(store, run_id, interval_s=0.1, enabled=False) as on:
+        time.sleep(0.3)
+    assert on is False
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    with mlflow_lineage.system_metrics(store, run_id, interval_s=0.1) as on:
+        time.sleep(0.3)
+    assert on is False
+    assert _system_keys(store, run_id) == set()
 
 
 def test_standard_tags(cfg):

@@ -1,0 +1,160 @@
+"""What the jobs print: the project's own lines; Ray's and MLflow's own logging at WARNING.
+
+By default a job's console shows where it runs, the "[shike] ..." lines the training loop logs
+on rank 0 (one per epoch, with its ETA), the results and where to find them. Warnings and errors
+of every library still show. `--verbose` (or SHIKE_VERBOSE=1) leaves Ray and MLflow at their own
+levels. Where the chatter comes from, and the setting that quiets each source:
+
+* Ray Train V2 logs the worker group's start-up and each checkpoint at INFO on its `ray.train`
+  loggers, in the controller and worker actors. Their console threshold is
+  `RunConfig(logging_config=ray.train.LoggingConfig(log_level=...))`: `train_log_level()`.
+  Every `ray.train.report` ("Reporting training result N: TrainingReport(...)" with all metrics,
+  from each worker) is logged at INFO too, but on a logger Ray 2.60 names by its source file's
+  path (`logging.getLogger(__file__)` in ray/train/v2/_internal/execution/context.py), so it goes
+  to the root logger, which Ray Train sets to INFO for the workers' own lines: that one logger is
+  set to WARNING in each process (`quiet_ray_worker`).
+* Ray Data logs "Starting execution", the execution plan and "execution finished" of every
+  dataset run at INFO on `ray.data`, in whichever process runs it (the driver, the split
+  coordinator, the train workers). It sets that logger's level from `RAY_DATA_LOG_LEVEL` each
+  time it configures logging; Ray workers get it through the job's runtime_env (`ray_init_kwargs`).
+  The progress bars are off (`pipeline.data.ray_reader.quiet_progress`); Ray Data's one-time
+  warning that they are off is consumed in each process (`quiet_ray_worker`).
+* Ray core logs "Started a local Ray instance ..." at INFO on `ray` in the driver
+  (`ray.init(logging_level=...)`).
+* MLflow logs at INFO on `mlflow` (`MLFLOW_LOGGING_LEVEL`), draws a progress bar for artifact
+  downloads (`MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`), and warns on each model logged in the
+  pickle format, which `pipeline.registry` chose on purpose (its SERIALIZATION_FORMAT note).
+
+Left as they are: warnings and errors (Ray's token-authentication notice when it starts a local
+instance; the Train controller's "PreemptionWatcher ... max_restarts > 0" error line of Ray
+2.60), MLflow's registration lines ("Created version ...", printed, not logged) and Ray Tune's
+trial tables (its console reporter; `tune.RunConfig(verbose=...)`).
+
+The worker processes' own "[shike]" lines are logged at INFO on the root logger, which Ray Train
+configures in each worker; they reach the driver once each through Ray's log forwarding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+VERBOSE_ENV = "SHIKE_VERBOSE"
+
+# Environment of the job's processes (this one and, through runtime_env, every Ray worker) in
+# the default, quiet mode. A variable the user has set keeps the user's value.
+QUIET_ENV = {
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+# Loggers set to WARNING in this process (quiet mode). `ray` is reset to INFO when Ray is first
+# imported, so `setup_console` imports it first.
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic")
+
+# ray/train/v2/_internal/execution/context.py, whose logger is named by this path.
+TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
+PICKLE_NOTICE = "Saving pytorch model by Pickle or CloudPickle format"
+# Ray Data's log_once key for "Progress bars disabled. To enable, set ..." (a WARNING).
+RAY_DATA_BARS_OFF_NOTICE = "ray_data_progress_manager_disabled"
+
+# What setup_console put into os.environ that the user had not set: the job's Ray workers get the
+# same (ray_init_kwargs); a variable the user set reaches them through the user's own environment.
+_set_here: dict[str, str] = {}
+_quiet = False  # setup_console ran, not verbose
+_saved_levels: dict[str, int] = {}  # the loggers' own levels, restored by a verbose setup
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records whose message starts with `prefix` (one known, accepted notice)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "False")
+
+
+def setup_console(verbose: bool = False) -> bool:
+    """Set this process's console for a job; whether it is verbose (`verbose` or
+    SHIKE_VERBOSE=1). Call it before the job's first Ray / MLflow call. Imports Ray."""
+    global _quiet
+    verbose = verbose or is_verbose()
+    wanted = {VERBOSE_ENV: "1" if verbose else "0"} | ({} if verbose else QUIET_ENV)
+    for key, value in wanted.items():
+        if key not in os.environ or key in _set_here:
+            os.environ[key] = _set_here[key] = value
+    if verbose:  # an earlier call in this process may have set the quiet values
+        for key in QUIET_ENV.keys() & _set_here.keys():
+            del os.environ[key], _set_here[key]
+    _quiet = not verbose
+    import ray  # noqa: F401  (its first import sets the `ray` logger to INFO)
+
+    for logger in [*map(logging.getLogger, QUIET_LOGGERS), train_report_logger()]:
+        name = logger.name
+        if _quiet:
+            _saved_levels.setdefault(name, logger.level)
+            logger.setLevel(logging.WARNING)
+        elif name in _saved_levels:
+            logger.setLevel(_saved_levels.pop(name))
+    pytorch_flavor = logging.getLogger("mlflow.pytorch")
+    for old in [f for f in pytorch_flavor.filters if isinstance(f, _DropMessage)]:
+        pytorch_flavor.removeFilter(old)
+    if _quiet:
+        pytorch_flavor.addFilter(_DropMessage(PICKLE_NOTICE))
+    return verbose
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """Keyword arguments for the job's `ray.init`: the console settings for every Ray worker of
+    the job, on any node (a runtime_env, which Ray merges with that of `ray job submit`). Empty
+    when setup_console has not run."""
+    runtime_env: dict[str, Any] = {"env_vars": dict(_set_here)} if _set_here else {}
+    kwargs: dict[str, Any] = {}
+    if _quiet:
+        runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_ray_worker"
+        kwargs["logging_level"] = logging.WARNING  # the driver's `ray` logger ("Started a ...")
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    return kwargs
+
+
+def train_report_logger() -> logging.Logger:
+    """The logger of Ray Train's "Reporting training result N: TrainingReport(...)" lines,
+    named by its module's file path (without importing that module)."""
+    import ray
+
+    return logging.getLogger(os.path.join(os.path.dirname(ray.__file__), *TRAIN_REPORT_MODULE))
+
+
+def quiet_ray_worker() -> None:
+    """Runs in every Ray worker process of the job at start-up (quiet mode only)."""
+    from ray.util.debug import log_once
+
+    log_once(RAY_DATA_BARS_OFF_NOTICE)  # the bars are off on purpose: no notice
+    train_report_logger().setLevel(logging.WARNING)
+
+
+def train_log_level() -> str:
+    """Ray Train's console level for `RunConfig(logging_config=LoggingConfig(log_level=...))`."""
+    return "INFO" if is_verbose() else "WARNING"
+
+
+def ray_target() -> str:
+    """Where `ray.init()` will connect, in words."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and address != "local":
+        return f"the Ray cluster at {address}"
+    return "a local Ray instance"
+
+
+def say(line: str) -> None:
+    """One line of the job's own console output."""
+    print(f"[shike] {line}", flush=True)
