@@ -11,7 +11,9 @@ and the model version gets the tag `eval_<split>_acc`. --workers N > 1 runs the 
 N Ray Data actors (the local Ray instance, or the cluster of `ray job submit`).
 
 Exit status: 0 on success; 1 with one `error: ...` line on stderr (unknown model / alias /
-version, class mismatch, missing dataset, unreachable tracking server); 2 for bad arguments.
+version, data of another dataset than the model's, class mismatch, missing dataset, a manifest
+edited after publication or contradicted by its shards' labels, unreachable tracking server);
+2 for bad arguments.
 """
 
 from __future__ import annotations

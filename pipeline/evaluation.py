@@ -17,7 +17,7 @@ per-batch counts are summed in batch order either way: the totals are identical 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from pipeline import registry, tracking
 from pipeline.data import DataError
+from pipeline.data.integrity import verify_dataset
 from pipeline.data.shards import Manifest, load_split, read_manifest
 from pipeline.data.stream_reader import ShardStream
 from pipeline.data.transforms import evaluation_crop
@@ -98,6 +99,19 @@ def _describe(model_uri: str, mv: Any) -> str:
     return f"{model_uri} (version {mv.version})" if mv is not None else model_uri
 
 
+def check_dataset(model_label: str, metadata: Mapping[str, Any], manifest: Manifest) -> None:
+    """The model must have been trained on the dataset it is evaluated on: a model's scores on
+    another dataset (even one with the same class names, say a re-labelled copy) are not its
+    scores. Models registered before their metadata recorded the dataset have no "dataset":
+    for them the class names and their order decide alone (`check_classes`)."""
+    trained_on = metadata.get("dataset")
+    if trained_on is not None and str(trained_on) != manifest.dataset:
+        raise EvaluationError(
+            f"dataset mismatch: model {model_label} was trained on dataset '{trained_on}' but "
+            f"{manifest.uri} holds dataset '{manifest.dataset}'"
+        )
+
+
 def check_classes(model_label: str, model_names: Sequence[str], manifest: Manifest) -> None:
     """The model must predict the dataset's classes, in the dataset's order."""
     names = [str(n) for n in model_names]
@@ -131,7 +145,9 @@ def evaluate_model(
 
     Errors (one line each): RegistryError (unknown model / alias / version), TrackingError
     (unreachable server), DataError (missing manifest, altered shard, unknown split),
-    EvaluationError (class mismatch, empty split, bad arguments).
+    EvaluationError (dataset or class mismatch, empty split, bad arguments). The manifest's
+    class counts (the many/medium/few groups of the report) are first checked against the
+    labels in the shards of the training split and of `split` (`integrity.verify_dataset`).
     """
     # Bad arguments fail before anything is looked up or loaded.
     check_batch_size(batch_size)
@@ -155,15 +171,20 @@ def evaluate_model(
         )
     if manifest.splits[split].num_rows == 0:
         raise EvaluationError(f"split '{split}' of dataset {manifest.uri} has no images")
+    verify_dataset(manifest, [s for s in dict.fromkeys(("train", split)) if s in manifest.splits])
 
     # Load exactly the resolved version (an alias could move between lookup and load).
     load_uri = model_uri
     if mv is not None and not model_uri.startswith("runs:/"):
         load_uri = f"models:/{mv.name}/{mv.version}"
     classifier = registry.load_classifier(load_uri, tracking_uri=uri)
+    metadata = registry.model_metadata(load_uri, tracking_uri=uri)
+    check_dataset(_describe(model_uri, mv), metadata, manifest)
     names = getattr(classifier, "class_names", None)
     if names is None:
-        names = registry.class_names_of(load_uri, tracking_uri=uri)
+        names = metadata.get("class_names")
+        if not names:
+            raise RegistryError(f"{load_uri} carries no class_names metadata")
     check_classes(_describe(model_uri, mv), names, manifest)
 
     if manifest.image.fixed_size:
@@ -183,7 +204,7 @@ def evaluate_model(
                 f"dataset {manifest.uri} holds images of varying size, which are scored in "
                 "this process: use --workers 1"
             )
-        image_size = int(registry.model_metadata(load_uri, tracking_uri=uri).get("image_size", 0))
+        image_size = int(metadata.get("image_size", 0))
         if image_size <= 0:
             raise EvaluationError(f"model {_describe(model_uri, mv)} records no image_size")
         # The registered model takes uint8 images at its image_size and normalises them

@@ -263,6 +263,7 @@ def log_and_register(
     alias: str | None = CANDIDATE,
     tracking_uri: str | None = None,
     description: str | None = None,
+    dataset: str | None = None,
 ) -> ModelVersion:
     """Log `model` (a trained ShikeNet, in the stage whose heads should serve, or an
     `ImageClassifier`) as the run's inference model and register it as a new version of `name`.
@@ -272,7 +273,10 @@ def log_and_register(
     `class_names` on the loaded module. The version is tagged with `metrics` (`val/acc` ->
     tag `val_acc`), the run id and the run's config / dataset hashes, and described by
     `description` (Markdown, e.g. `version_description`; URI passwords masked); `alias`
-    (default `candidate`, None for none) is moved to it. Returns the version as stored.
+    (default `candidate`, None for none) is moved to it. `dataset` (the training manifest's
+    `dataset`) goes into the metadata so that evaluation refuses data of another dataset
+    (`evaluation.check_dataset`); without it only the class names are compared. Returns the
+    version as stored.
     """
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_server(uri)
@@ -310,6 +314,8 @@ def log_and_register(
         "std": [float(s) for s in std],
         "image_size": int(image_size),
     }
+    if dataset is not None:
+        metadata["dataset"] = str(dataset)
     version_tags = {TAG_RUN_ID: run_id, **_metric_tags(metrics)}
     for key in (TAG_RUN_NAME, TAG_CONFIG_HASH, TAG_MANIFEST_HASH):
         if key in run.data.tags:
@@ -382,7 +388,8 @@ def load_pyfunc(model_uri: str, *, tracking_uri: str | None = None) -> Any:
 
 def model_metadata(model_uri: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
     """The metadata `log_and_register` stored in the model's MLmodel file (only that file is
-    read): class_names, image_size, the input's description."""
+    read): class_names, image_size, the input's description, and the dataset it was trained
+    on ("dataset"; absent in versions registered before it was recorded)."""
     uri = resolve_tracking_uri(tracking_uri)
     target = pinned_model_uri(model_uri, tracking_uri=uri)
     with mlflow_uris(uri):

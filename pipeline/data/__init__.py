@@ -13,7 +13,9 @@ Modules
 - `images`         PNG encode / decode
 - `decode`         encoded bytes (JPEG, PNG, ...) -> uint8 RGB tensors (the streaming readers)
 - `storage`        URI (`file:///abs`, bare path, `s3://bucket/prefix`) -> pyarrow filesystem
-- `manifest`       the `manifest.json` model (pydantic) and its reader
+- `manifest`       the `manifest.json` model (pydantic), its seal (own checksum) and its reader
+- `integrity`      `verify_dataset`: the shards' labels counted against the manifest (cheap,
+                   Ray-free; run by the drivers before anything starts)
 - `prepare`        long-tailed splits -> Parquet shards + manifest (atomic publish)
 - `lt_lists`       ImageNet-LT / Places-LT / iNaturalist 2018 list files and JSON
 - `prepare_lists`  those lists -> shards of the source files' own bytes (`source_shards`,

@@ -4,11 +4,21 @@ and `read_manifest`, which checks it before anything trusts it.
 The model mirrors the JSON file key for key (schema version 1), so pydantic both validates
 what is read and writes it back unchanged. Bad manifests are an IntegrityError naming the
 file and the field.
+
+The manifest vouches for itself too: publishing seals it (`Manifest.seal`) with
+`manifest_sha256`, the sha256 of its canonical JSON without that key (`content_checksum`), so a
+hand edit that keeps the file valid (two class counts swapped, their sum unchanged) is refused
+on read instead of silently changing class priors. Manifests published before the seal have no
+`manifest_sha256` and are still read (prepared datasets and the fixtures under tests/fixtures
+stay usable); for them, and against a re-sealed edit, `pipeline.data.integrity.verify_dataset`
+counts the shards' labels against the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
@@ -29,6 +39,8 @@ from pipeline.data.storage import S3Options, display, join, read_bytes, resolve
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
+# The manifest's own checksum: sha256 (hex) of its canonical JSON without this key.
+CHECKSUM_KEY = "manifest_sha256"
 # Training rows are written in one seeded random order, not class by class: streaming readers
 # (Ray Data) shuffle only within a local buffer of about a thousand rows, which cannot mix a
 # split stored as 5,000 head-class rows followed by the next class's. Manifests written before
@@ -149,6 +161,23 @@ def _dumps(obj: Any, indent: str = "") -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
+def content_checksum(doc: Mapping[str, Any]) -> str:
+    """The manifest checksum of `doc` (the manifest as plain JSON types): sha256 hex of
+    `json.dumps(doc without "manifest_sha256", sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)` encoded as UTF-8. Canonical, so the file's layout does not matter,
+    only its content."""
+    body = {key: value for key, value in doc.items() if key != CHECKSUM_KEY}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def seal_document(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """`doc` with its `manifest_sha256` (re)computed: what publishing writes. For tools that
+    rewrite a manifest on purpose; a sealed edit still has to match the shards' labels
+    (`pipeline.data.integrity.verify_dataset`)."""
+    return {**doc, CHECKSUM_KEY: content_checksum(doc)}
+
+
 class Manifest(BaseModel):
     """What `manifest.json` vouches for (fields in file order), plus where it was read from
     (`uri`, `filesystem`, `root`: the pyarrow filesystem and the dataset folder's path in it)."""
@@ -179,6 +208,9 @@ class Manifest(BaseModel):
     # held-out split besides its val set, which the literature reports as its test set, so
     # "test" lists the very shard files of "val". Absent from the file when None.
     split_aliases: dict[str, str] | None = None
+    # `content_checksum` of the published file; None in manifests published before the seal
+    # (accepted: see the module docstring). Absent from the file when None.
+    manifest_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     uri: str = Field("", exclude=True)
     filesystem: Any = Field(None, exclude=True, repr=False)
     root: str = Field("", exclude=True)
@@ -207,6 +239,27 @@ class Manifest(BaseModel):
                     f"splits.{name}.class_counts has {len(split.class_counts)} entries for "
                     f"{self.num_classes} classes"
                 )
+        if len(self.class_counts) != self.num_classes:
+            raise ValueError(
+                f"class_counts has {len(self.class_counts)} entries for {self.num_classes} classes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _priors_are_the_training_split(self) -> Manifest:
+        # `class_counts` are the class priors of training (balanced softmax, logit adjustment,
+        # many/medium/few): they must be the training split's own counts.
+        train = self.splits.get("train")
+        if train is not None and train.class_counts != self.class_counts:
+            c = next(
+                i
+                for i, (a, b) in enumerate(zip(self.class_counts, train.class_counts, strict=True))
+                if a != b
+            )
+            raise ValueError(
+                f"class_counts[{c}] is {self.class_counts[c]} but splits.train.class_counts[{c}] "
+                f"is {train.class_counts[c]}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -219,11 +272,12 @@ class Manifest(BaseModel):
         return self
 
     @model_serializer(mode="wrap")
-    def _without_absent_aliases(self, handler: Any) -> dict[str, Any]:
-        # Manifests without aliases keep the layout they always had (fixtures round-trip).
+    def _without_absent_optionals(self, handler: Any) -> dict[str, Any]:
+        # Manifests without aliases or seal keep the layout they always had (fixtures round-trip).
         data = handler(self)
-        if data.get("split_aliases") is None:
-            data.pop("split_aliases", None)
+        for key in ("split_aliases", CHECKSUM_KEY):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
     @property
@@ -267,6 +321,12 @@ class Manifest(BaseModel):
     def to_json(self) -> bytes:
         return (_dumps(self.to_dict()) + "\n").encode()
 
+    def seal(self) -> Manifest:
+        """Set `manifest_sha256` to the checksum of the current content (publishing does it
+        last, just before writing the file); returns self."""
+        self.manifest_sha256 = content_checksum(self.to_dict())
+        return self
+
 
 def _integrity_error(where: str, exc: ValidationError) -> IntegrityError:
     """The first problem pydantic found, as one line naming the file and the field."""
@@ -279,7 +339,9 @@ def _integrity_error(where: str, exc: ValidationError) -> IntegrityError:
 
 
 def read_manifest(uri: str, s3: S3Options | None = None) -> Manifest:
-    """Read and check `manifest.json` at `uri` (the dataset folder, or the manifest file)."""
+    """Read and check `manifest.json` at `uri` (the dataset folder, or the manifest file): its
+    fields, then its seal (`manifest_sha256`, when it has one). The shards are not opened here
+    (`pipeline.data.integrity.verify_dataset` counts their labels, `shards` checks their bytes)."""
     fs, root = resolve(uri, s3)
     if root.rsplit("/", 1)[-1] == MANIFEST_NAME:
         root = root.rsplit("/", 1)[0] if "/" in root else ""
@@ -297,5 +359,13 @@ def read_manifest(uri: str, s3: S3Options | None = None) -> Manifest:
         manifest = Manifest.model_validate_json(blob)
     except ValidationError as exc:
         raise _integrity_error(where, exc) from None
+    if manifest.manifest_sha256 is not None:
+        found = content_checksum(json.loads(blob))
+        if found != manifest.manifest_sha256:
+            raise IntegrityError(
+                f"{where}: manifest_sha256 is {manifest.manifest_sha256[:16]}... but the content "
+                f"hashes to {found[:16]}...: {MANIFEST_NAME} was edited after publication; run "
+                f"jobs.prepare_data again to publish the dataset"
+            )
     manifest.uri, manifest.filesystem, manifest.root = str(uri), fs, root
     return manifest

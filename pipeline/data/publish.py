@@ -1,6 +1,7 @@
 """Publishing a prepared dataset so that readers never see half of one: shard files first
 (Parquet, zstd; a write skipped when an identical file is already there), `manifest.json`
-last, then the shards of earlier versions removed.
+last (sealed with its own checksum, `manifest_sha256`), then the shards of earlier versions
+removed.
 
 Both writers use it: `prepare` (CIFAR-style, re-encoded PNG) and `prepare_lists` (the large
 benchmarks' own encoded bytes).
@@ -95,9 +96,10 @@ def remove_stale(fs: pafs.FileSystem, root: str, manifest: Manifest, log: Log) -
 
 
 def publish_manifest(fs: pafs.FileSystem, root: str, manifest: Manifest, log: Log) -> None:
-    """Write `manifest.json` (every shard it lists must already be in place), unless an
+    """Seal `manifest` (`Manifest.seal`: its own checksum, so later hand edits are refused)
+    and write it as `manifest.json` (every shard it lists must already be in place), unless an
     identical one is there, then remove the shards no manifest lists any more."""
-    blob = manifest.to_json()
+    blob = manifest.seal().to_json()
     mpath = join(root, MANIFEST_NAME)
     if same_file(fs, mpath, len(blob), hashlib.sha256(blob).hexdigest()):
         log(f"manifest unchanged: {display(fs, mpath)}")

@@ -22,7 +22,14 @@ from pipeline.data.longtail import (
     longtail_counts,
     select_longtail,
 )
-from pipeline.data.manifest import MANIFEST_NAME, TRAIN_ROW_ORDER_SEED, Manifest, read_manifest
+from pipeline.data.manifest import (
+    CHECKSUM_KEY,
+    MANIFEST_NAME,
+    TRAIN_ROW_ORDER_SEED,
+    Manifest,
+    read_manifest,
+    seal_document,
+)
 from pipeline.data.prepare import prepare_dataset, prepare_from_raw
 from pipeline.data.shards import load_split, read_split_table, shard_files, verify_split
 from pipeline.data.storage import S3Options, resolve
@@ -202,7 +209,7 @@ def test_ray_reader_refuses_class_ordered_training_rows(small, tmp_path):
     prepare_dataset("cifar10", str(small.path), str(out), 10, val_per_class=5)
     path = out / MANIFEST_NAME
     doc = json.loads(path.read_text())
-    del doc["train_row_order"]
+    del doc["train_row_order"], doc[CHECKSUM_KEY]  # such manifests were not sealed either
     path.write_text(json.dumps(doc))
     assert read_manifest(str(out)).to_dict()["train_row_order"] == {"order": "class"}
     assert len(load_prepared(str(out)).train.labels) == sum(doc["class_counts"])
@@ -334,7 +341,7 @@ def test_schema_mismatch(small_prepared):
     manifest = json.loads((small_prepared / MANIFEST_NAME).read_text())
     entry = manifest["splits"]["test"]["shards"][0]
     entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (small_prepared / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (small_prepared / MANIFEST_NAME).write_text(json.dumps(seal_document(manifest)))
     with pytest.raises(
         IntegrityError,
         match=f"shard {victim} has schema .*label: int32.* but expected .*label: int64",
@@ -349,7 +356,7 @@ def test_corrupt_shard_with_matching_sha_is_not_parquet(small_prepared):
     manifest = json.loads((small_prepared / MANIFEST_NAME).read_text())
     entry = manifest["splits"]["test"]["shards"][0]
     entry["bytes"], entry["sha256"] = 19, hashlib.sha256(b"this is not parquet").hexdigest()
-    (small_prepared / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (small_prepared / MANIFEST_NAME).write_text(json.dumps(seal_document(manifest)))
     with pytest.raises(IntegrityError, match=f"shard {victim} is not a readable Parquet file"):
         load_split(str(small_prepared), "test")
 

@@ -7,7 +7,8 @@ val accuracy, made without training: a real SHIKE ResNet-32 (stage 2) whose cosi
 to the class means of its own (random-init) val features ("good"), then the same heads with
 some class rows swapped ("medium": classes 0<->1, 2<->3) or all rows shifted by one ("bad").
 A 5-class model `shike-five` (no aliases) covers the class-count mismatch and a missing
-candidate. The Ray Data path (workers > 1) is in tests/integration/test_evaluate_ray.py.
+candidate. The shike-promo versions record the dataset they were trained on ("cifar10");
+shike-five, like versions registered before the dataset was recorded, does not. The Ray Data path (workers > 1) is in tests/integration/test_evaluate_ray.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
+from pipeline.data.manifest import MANIFEST_NAME, seal_document
 from pipeline.data.shards import load_split, prepare_dataset
 from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
 from pipeline.models import ImageClassifier, build_model
@@ -131,7 +134,7 @@ def models(dataset, store):
         run_id = tracking.start_or_resume_run(store, "shike-train", f"train-{kind}")
         mv = registry.log_and_register(
             run_id, net, names, MODEL, mean=CIFAR_MEAN, std=CIFAR_STD, alias=None,
-            tracking_uri=store,
+            tracking_uri=store, dataset=manifest.dataset,
         )  # fmt: skip
         assert str(mv.version) == str(version)
         out[kind] = (str(version), run_id, acc)
@@ -237,6 +240,42 @@ def test_class_count_mismatch_is_a_clear_error(dataset, store, models):
     uri, _, _ = dataset
     with pytest.raises(EvaluationError, match=r"predicts 5 classes .* has 10 classes"):
         evaluation.evaluate_model(f"models:/{FIVE}/1", uri, tracking_uri=store)
+
+
+def _renamed_copy(uri: str, dest: Path, name: str) -> str:
+    """The prepared dataset under another dataset name (same classes, same shards), its
+    manifest sealed again as publishing would: only the dataset check can tell."""
+    shutil.copytree(uri, dest)
+    doc = json.loads((dest / MANIFEST_NAME).read_text())
+    (dest / MANIFEST_NAME).write_text(json.dumps(seal_document({**doc, "dataset": name})))
+    return str(dest)
+
+
+def test_evaluate_refuses_a_dataset_the_model_was_not_trained_on(
+    dataset, store, models, tmp_path, capsys
+):
+    uri, manifest, _ = dataset
+    assert registry.model_metadata(f"models:/{MODEL}/1", tracking_uri=store)["dataset"] == (
+        manifest.dataset
+    )
+    other = _renamed_copy(uri, tmp_path / "other", "cifar10_relabelled")
+    with pytest.raises(
+        EvaluationError,
+        match=(
+            rf"^dataset mismatch: model models:/{MODEL}/1 \(version 1\) was trained on dataset "
+            rf"'cifar10' but {other} holds dataset 'cifar10_relabelled'$"
+        ),
+    ):
+        evaluation.evaluate_model(f"models:/{MODEL}/1", other, tracking_uri=store)
+    argv = ["--model", f"models:/{MODEL}/1", "--data", other, "--tracking-uri", store, "--no-log"]
+    assert evaluate_job.main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("error: dataset mismatch:") and "'cifar10_relabelled'" in line
+    # A model without the dataset in its metadata: the class names decide (5 vs 10 here).
+    with pytest.raises(EvaluationError, match="predicts 5 classes"):
+        evaluation.evaluate_model(f"models:/{FIVE}/1", other, tracking_uri=store)
 
 
 def test_evaluate_job_prints_writes_csv_and_logs_one_run(dataset, store, models, tmp_path, capsys):
