@@ -25,10 +25,11 @@ levels. Where the chatter comes from, and the setting that quiets each source:
   downloads (`MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`), and warns on each model logged in the
   pickle format, which `pipeline.registry` chose on purpose (its SERIALIZATION_FORMAT note).
 
-Left as they are: warnings and errors (Ray's token-authentication notice when it starts a local
-instance; the Train controller's "PreemptionWatcher ... max_restarts > 0" error line of Ray
-2.60), MLflow's registration lines ("Created version ...", printed, not logged) and Ray Tune's
-trial tables (its console reporter; `tune.RunConfig(verbose=...)`).
+Ray's notice that a local instance it starts has token authentication on (it stays on) is
+dropped. Ray Tune's trial tables show with --verbose only (`tune.RunConfig(verbose=0)` in
+pipeline.distributed.tune). Left as they are: other warnings and errors (the Train controller's
+"PreemptionWatcher ... max_restarts > 0" error line of Ray 2.60) and MLflow's registration
+lines ("Created version ...", printed, not logged).
 
 The worker processes' own "[shike]" lines are logged at INFO on the root logger, which Ray Train
 configures in each worker; they reach the driver once each through Ray's log forwarding.
@@ -57,6 +58,13 @@ QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic"
 # ray/train/v2/_internal/execution/context.py, whose logger is named by this path.
 TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
 PICKLE_NOTICE = "Saving pytorch model by Pickle or CloudPickle format"
+# Ray's notice, on starting a local instance, that it enabled token authentication (which stays on).
+TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+# Accepted notices dropped in quiet mode: {logger name: message prefix}.
+DROPPED_NOTICES = {
+    "mlflow.pytorch": PICKLE_NOTICE,
+    "ray._private.authentication.authentication_token_setup": TOKEN_AUTH_NOTICE,
+}
 # Ray Data's log_once key for "Progress bars disabled. To enable, set ..." (a WARNING).
 RAY_DATA_BARS_OFF_NOTICE = "ray_data_progress_manager_disabled"
 
@@ -104,11 +112,12 @@ def setup_console(verbose: bool = False) -> bool:
             logger.setLevel(logging.WARNING)
         elif name in _saved_levels:
             logger.setLevel(_saved_levels.pop(name))
-    pytorch_flavor = logging.getLogger("mlflow.pytorch")
-    for old in [f for f in pytorch_flavor.filters if isinstance(f, _DropMessage)]:
-        pytorch_flavor.removeFilter(old)
-    if _quiet:
-        pytorch_flavor.addFilter(_DropMessage(PICKLE_NOTICE))
+    for name, notice in DROPPED_NOTICES.items():
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _DropMessage)]:
+            logger.removeFilter(old)
+        if _quiet:
+            logger.addFilter(_DropMessage(notice))
     return verbose
 
 

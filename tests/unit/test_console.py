@@ -105,15 +105,17 @@ def test_worker_hook_quiets_the_reports_and_the_bars_off_notice():
     assert not log_once(console.RAY_DATA_BARS_OFF_NOTICE)  # already given: never printed
 
 
-def test_only_the_known_pickle_notice_of_mlflow_is_dropped():
+@pytest.mark.parametrize("name", sorted(console.DROPPED_NOTICES))
+def test_only_the_known_notices_are_dropped(name):
+    """MLflow's pickle notice and Ray's token-auth notice; any other warning of theirs shows."""
     console.setup_console()
-    flavor = logging.getLogger("mlflow.pytorch")
+    logger = logging.getLogger(name)
 
     def passes(msg: str) -> bool:
-        record = flavor.makeRecord(flavor.name, logging.WARNING, __file__, 1, msg, (), None)
-        return all(f.filter(record) for f in flavor.filters)
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+        return all(f.filter(record) for f in logger.filters)
 
-    assert not passes(console.PICKLE_NOTICE + " requires exercising caution ...")
+    assert not passes(console.DROPPED_NOTICES[name] + " ... more text")
     assert passes("any other warning")
 
 
