@@ -5,12 +5,14 @@
         --set data.uri=s3://bucket/datasets/cifar100-lt-if100 --run-name c100-if100-seed0
 
 Relaunching with the same --run-name resumes from its latest checkpoint and continues the
-same MLflow run.
+same MLflow run; a launch while another of the same run name is alive is refused (exit 1,
+one line naming the owner).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from jobs._options import add_verbose_argument
@@ -38,7 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(argv: list[str], run_name: str) -> str:
+    """The command that resumes this launch: its own arguments, with the run name spelled out."""
+    args = list(argv)
+    if "--run-name" not in args and not any(a.startswith("--run-name=") for a in args):
+        args += ["--run-name", run_name]
+    return shlex.join(["python", "-m", "jobs.train", *args])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     # Validate everything that needs neither Ray nor MLflow before importing them.
     from pipeline.config import ConfigError, load_config
@@ -68,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         f"experiment '{cfg.tracking.experiment}'"
     )
     try:
-        outcome = run_training_job(cfg, args.run_name, register=False if args.no_register else None)
+        outcome = run_training_job(
+            cfg,
+            args.run_name,
+            register=False if args.no_register else None,
+            resume_command=resume_command(argv, args.run_name or cfg.name),
+        )
     except (DataError, TrackingError, TrainingJobError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

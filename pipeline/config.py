@@ -39,6 +39,8 @@ EXECUTION_SETTINGS = frozenset(
         "cluster.storage_path",
         "cluster.max_failures",
         "cluster.num_to_keep",
+        "cluster.data_cpus",
+        "cluster.stall_timeout_s",
         "tracking.tracking_uri",
         "tracking.experiment",
         "tracking.model_name",
@@ -248,6 +250,17 @@ class ClusterConfig(_Section):
     storage_path: str = "./runs"
     max_failures: int = Field(0, ge=-1)
     num_to_keep: int = Field(2, ge=1)
+    # CPUs that Ray Data's input tasks need beside the Train workers: every read and decode
+    # task asks for 1 logical CPU (Ray's default), so below 1 no input task can run and the
+    # workers starve. Checked before training and at every worker-group (re)start
+    # (pipeline.distributed.capacity): a cluster too small, or one that lost a node, fails
+    # with the numbers instead of stalling.
+    data_cpus: float = Field(1.0, ge=1.0)
+    # Seconds a worker may wait for its next training batch (the first of an epoch includes
+    # Ray Data's start-up) before the run fails naming the stall; also Ray Data's own
+    # no-progress limit. Ray's defaults wait 1,800 s (Ray Data, and gloo's collectives), which
+    # made a lost node cost 30 minutes per retry; 300 s leaves slow storage ample room.
+    stall_timeout_s: float = Field(300.0, gt=0, le=1800)
 
 
 class TrackingConfig(_Section):

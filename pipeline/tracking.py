@@ -328,6 +328,11 @@ class RunLogger:
         for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + _MAX_METRICS_PER_BATCH])
 
+    def last_step(self, key: str) -> int:
+        """The largest step logged for metric `key` in this run; -1 when none is."""
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=-1)
+
     def log_evaluation(
         self,
         split: str,

@@ -118,6 +118,7 @@ class RayCluster:
     address: str  # GCS address, for ray.init / RAY_ADDRESS
     dashboard: str  # http://127.0.0.1:<port>, for `ray job submit --address`
     env: dict  # environment for subprocess drivers and `ray` CLI calls
+    tmp_dir: Path  # the head's --temp-dir: finds its processes (ray_cluster.node_processes)
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +138,7 @@ def ray_cluster(tmp_path_factory):
     with ray_head(tmp, extra_env=node_env) as (address, dashboard, env):
         ray.init(address=address, log_to_driver=False)
         try:
-            yield RayCluster(address, dashboard, env)
+            yield RayCluster(address, dashboard, env, tmp)
         finally:
             ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)

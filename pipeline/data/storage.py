@@ -10,7 +10,8 @@ endpoint is always passed explicitly (`S3FileSystem(endpoint_override=...)`), wi
 addressing by default and connect/request timeouts plus a bounded retry count, so an
 unreachable endpoint fails in seconds. Credentials are never logged nor put in error messages.
 
-boto3 is used only for bucket-level operations (`create_bucket`).
+boto3 is used only where pyarrow cannot go: buckets (`create_bucket`) and conditional writes
+(`s3_client`, the run lease of pipeline/run_lease.py).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
+def split_s3(uri: str) -> tuple[str, str]:
+    """(bucket, key prefix) of an s3:// URI."""
     rest = uri[len("s3://") :].strip("/")
     bucket, _, key = rest.partition("/")
     if not bucket:
@@ -123,7 +125,7 @@ def resolve(uri: str | os.PathLike, s3: S3Options | None = None) -> tuple[pafs.F
     if not text:
         raise StorageError("empty storage URI")
     if is_s3(text):
-        bucket, key = _split_s3(text)
+        bucket, key = split_s3(text)
         return s3_filesystem(s3, bucket), f"{bucket}/{key}" if key else bucket
     if text.startswith("file:"):
         u = urlparse(text)
@@ -287,13 +289,12 @@ def check_access(fs: pafs.FileSystem, path: str, action: str = "access") -> None
         raise storage_error(exc, fs, path, action) from None
 
 
-def create_bucket(uri: str, s3: S3Options | None = None) -> None:
-    """Create the bucket of an s3:// URI if it does not exist (boto3; for tests and setup)."""
+def s3_client(s3: S3Options | None = None):
+    """A boto3 S3 client with the same endpoint, region, addressing, timeouts and retries as
+    `resolve`'s filesystems (for what pyarrow cannot do: buckets, conditional writes)."""
     import boto3
     import botocore.config
-    import botocore.exceptions
 
-    bucket, _ = _split_s3(str(uri))
     s3 = s3 or S3Options()
     cfg = botocore.config.Config(
         connect_timeout=s3.connect_timeout_s,
@@ -301,8 +302,20 @@ def create_bucket(uri: str, s3: S3Options | None = None) -> None:
         retries={"max_attempts": s3.max_attempts, "mode": "standard"},
         s3={"addressing_style": "virtual" if s3.virtual_addressing else "path"},
     )
+    return boto3.client(
+        "s3", endpoint_url=s3.resolved_endpoint(), region_name=s3.resolved_region(), config=cfg
+    )
+
+
+def create_bucket(uri: str, s3: S3Options | None = None) -> None:
+    """Create the bucket of an s3:// URI if it does not exist (boto3; for tests and setup)."""
+
+    import botocore.exceptions
+
+    bucket, _ = split_s3(str(uri))
+    s3 = s3 or S3Options()
     region = s3.resolved_region()
-    client = boto3.client("s3", endpoint_url=s3.resolved_endpoint(), region_name=region, config=cfg)
+    client = s3_client(s3)
     try:
         client.head_bucket(Bucket=bucket)
         return

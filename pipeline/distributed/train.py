@@ -26,15 +26,18 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from pipeline import registry, tracking
+from pipeline import registry, run_lease, tracking
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import Config
+from pipeline.data.integrity import verify_dataset
 from pipeline.data.ray_reader import training_datasets
 from pipeline.data.shards import Manifest
 from pipeline.data.storage import is_s3, resolve
 from pipeline.data.transforms import normalization
-from pipeline.distributed import console
+from pipeline.distributed import console, run_storage
+from pipeline.distributed.capacity import CapacityError, wait_for_capacity
 from pipeline.distributed.worker import train_loop_per_worker
+from pipeline.driver_guard import DriverGuard
 from pipeline.models import build_model
 from pipeline.session import NonFiniteLossError
 
@@ -80,6 +83,10 @@ def build_trainer(
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
+    for dataset in datasets.values():
+        # Ray Data's own no-progress limit (default 1,800 s), bounded like the workers' stall
+        # guard: it also covers rank 0's evaluation reads (pipeline.distributed.capacity).
+        dataset.context.execution_no_progress_timeout_s = cfg.cluster.stall_timeout_s
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -182,12 +189,19 @@ ENGINE_ONLY_GRAPHS = (
 
 
 def run_training_job(
-    cfg: Config, run_name: str | None = None, register: bool | None = None
+    cfg: Config,
+    run_name: str | None = None,
+    register: bool | None = None,
+    *,
+    resume_command: str | None = None,
 ) -> TrainingOutcome:
-    """Validate, connect, train on Ray, record in MLflow and register the model.
+    """Validate, take the run's lease, connect, train on Ray, record in MLflow and register
+    the model.
 
     Relaunching with the same run name resumes from the latest checkpoint in
-    cluster.storage_path (Ray Train V2) and continues the same MLflow run.
+    cluster.storage_path (Ray Train V2) and continues the same MLflow run; a second launch
+    while one runs is refused (`pipeline.run_lease`). `resume_command` is what error messages
+    tell the operator to run to resume (default: a `python -m jobs.train` line for the run).
     """
     run_name = run_name or cfg.name
     if not cfg.data.uri:
@@ -197,32 +211,99 @@ def run_training_job(
         )
     if cfg.train.cuda_graphs:
         raise TrainingJobError(ENGINE_ONLY_GRAPHS)
+    # The manifest's checksum, and its class counts against the labels in the shards: wrong
+    # counts would train wrong class priors. Before Ray starts, as every input check.
+    verify_dataset(cfg.data.uri)
+    resume_command = (
+        resume_command or f"python -m jobs.train --config <config> --run-name {run_name}"
+    )
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_tracking_server(uri)  # before any worker starts
+    try:
+        lease = run_lease.acquire(cfg.cluster.storage_path, run_name, command=resume_command)
+    except run_lease.LeaseHeldError as exc:
+        raise TrainingJobError(str(exc)) from None
+    with lease:
+        if lease.took_over:
+            console.say(
+                f"run '{run_name}': the launch before, {run_lease.describe(lease.took_over)}, "
+                "died without ending it; this launch takes it over and resumes"
+            )
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True, **console.ray_init_kwargs())
+        manifest, datasets, logger, loop_config = open_tracked_run(cfg, run_name, uri)
+        if lease.took_over:
+            logger.log_tags({TAG_TOOK_OVER: run_lease.describe(lease.took_over)})
+        guard = DriverGuard.start(uri, logger.run_id, run_name, resume_command)
+        try:
+            return _train_and_register(
+                cfg, run_name, manifest, datasets, logger, loop_config, register, resume_command
+            )
+        finally:
+            guard.stop()
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, **console.ray_init_kwargs())
-    manifest, datasets, logger, loop_config = open_tracked_run(cfg, run_name, uri)
-    run_id = logger.run_id
+
+# The MLflow run was resumed by a launch that took the run over from one that had died.
+TAG_TOOK_OVER = "shike.took_over_from"
+
+
+def _train_and_register(
+    cfg: Config,
+    run_name: str,
+    manifest: Manifest,
+    datasets: dict,
+    logger: tracking.RunLogger,
+    loop_config: dict[str, Any],
+    register: bool | None,
+    resume_command: str,
+) -> TrainingOutcome:
+    """Train, register and end the MLflow run: FINISHED, FAILED, or KILLED on Ctrl-C."""
+    uri, run_id = logger.uri, logger.run_id
+    status = "FAILED"
+    removed = run_storage.remove_unregistered_checkpoints(cfg, run_name)
+    if removed:
+        console.say(
+            f"removed {len(removed)} unregistered checkpoint folder(s): {', '.join(removed)}"
+        )
     trainer = build_trainer(cfg, run_name, datasets, loop_config)
     try:
-        result = trainer.fit()
-    except Exception as exc:  # TrainingFailedError and friends: report, keep the checkpoints
-        logger.finish("FAILED")
-        cause = _root_cause(exc)
-        raise TrainingJobError(f"training run '{run_name}' failed: {cause}") from None
-    if result.checkpoint is None:
-        logger.finish("FAILED")
-        raise TrainingJobError(f"training run '{run_name}' ended without a checkpoint")
-
-    version = None
-    if register if register is not None else cfg.tracking.register_model:
-        scores = {k: v for k, v in result.metrics.items() if k.startswith(("val/", "test/"))}
-        version = register_trained_model(
-            result.checkpoint, cfg, manifest, run_id=run_id, metrics=scores, tracking_uri=uri
-        )
-    logger.finish("FINISHED")
+        try:  # workers + Ray Data's input must fit, or the run would wait for CPUs forever
+            wait_for_capacity(cfg.cluster, _use_gpu(cfg), "before training", console.say)
+        except CapacityError as exc:
+            raise TrainingJobError(f"training run '{run_name}' cannot start: {exc}") from None
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # TrainingFailedError and friends: report, keep the checkpoints
+            raise TrainingJobError(
+                failure_message(cfg, run_name, _root_cause(exc), resume_command)
+            ) from None
+        finally:
+            run_storage.remove_unregistered_checkpoints(cfg, run_name)
+        if result.checkpoint is None:
+            raise TrainingJobError(f"training run '{run_name}' ended without a checkpoint")
+        version = None
+        if register if register is not None else cfg.tracking.register_model:
+            scores = {k: v for k, v in result.metrics.items() if k.startswith(("val/", "test/"))}
+            version = register_trained_model(
+                result.checkpoint, cfg, manifest, run_id=run_id, metrics=scores, tracking_uri=uri
+            )
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        logger.finish(status)
     return TrainingOutcome(run_name, run_id, dict(result.metrics), result.checkpoint.path, version)
+
+
+def failure_message(cfg: Config, run_name: str, cause: str, resume_command: str) -> str:
+    """`training run 'x' failed: <cause>` + what was kept + the command that resumes."""
+    kept = run_storage.latest_checkpoint(cfg, run_name)
+    if kept is None:
+        saved = "no checkpoint was registered, so a relaunch starts over"
+    else:
+        saved = f"the checkpoint of epoch {kept.epoch} is kept ({kept.path})"
+    return f"training run '{run_name}' failed: {cause}; {saved}; resume with: {resume_command}"
 
 
 def register_trained_model(
@@ -253,6 +334,7 @@ def register_trained_model(
         image_size=image_size,
         metrics={k.replace("/", "_"): v for k, v in metrics.items()},
         tracking_uri=tracking_uri,
+        dataset=manifest.dataset,
         description=registry.version_description(
             cfg, manifest, metrics, run_name=tracking.run_name_of(tracking_uri, run_id)
         ),
@@ -273,15 +355,37 @@ def load_trained_model(
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost error message (Ray wraps worker errors several times)."""
+    """One short line for why training failed. Ray wraps a worker's error several times and
+    leads a dead worker's with its guesses (OOM, SIGSEGV, ...); a worker whose peer died fails
+    too, in a collective (gloo: "Connection reset by peer"), which is not the cause."""
     text = str(exc)
-    for marker in (NonFiniteLossError.__name__,):
-        if marker in text:
-            line = next((ln for ln in text.splitlines() if marker in ln), text)
-            return line.strip() + " (the last good checkpoint is kept)"
+    if NonFiniteLossError.__name__ in text:
+        return next(ln.strip() for ln in text.splitlines() if NonFiniteLossError.__name__ in ln)
+    failures: dict = getattr(exc, "worker_failures", None) or {}
+    dead = sorted(rank for rank, err in failures.items() if _process_died(err))
+    if dead or (not failures and _process_died(exc)):
+        ranks = ", ".join(str(r) for r in dead) or "?"
+        return (
+            f"Train worker rank {ranks} died: its process ended (killed, out of memory or "
+            "crashed; its node's raylet log says which)"
+        )
+    if failures:
+        rank, err = min(failures.items())
+        return f"Train worker rank {rank}: {_one_line(err)}"
     seen = exc
     while seen.__cause__ is not None:
         seen = seen.__cause__
-    return (
-        f"{type(seen).__name__}: {str(seen).strip().splitlines()[-1] if str(seen).strip() else ''}"
-    )
+    return _one_line(seen)
+
+
+def _process_died(err: BaseException) -> bool:
+    return isinstance(err, ray.exceptions.ActorDiedError) or "worker process has died" in str(err)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message` of the user's exception inside Ray's wrappers."""
+    err = getattr(err, "cause", None) or err  # RayTaskError keeps the user's exception
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    line = next((ln for ln in lines if not ln.startswith(("Traceback", "File "))), "")
+    text = f"{type(err).__name__}: {line}" if line else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

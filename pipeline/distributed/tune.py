@@ -16,6 +16,7 @@ Sweep YAML (configs/sweep_*.yaml):
     num_samples: 8
     scheduler: {grace_period: 20, reduction_factor: 2}
     searcher: random            # or optuna
+    reuse_actors: true          # with scheduler none: a finished trial's driver runs the next
     space:
       loss.dkt_weight: {choice: [3, 5, 10, 20, 30]}
       loss.tau: {uniform: [0.5, 1.5]}
@@ -95,6 +96,10 @@ class SweepSpec(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
     scheduler: SchedulerSpec = SchedulerSpec()
     searcher: Literal["random", "optuna"] = "random"
+    # Tune hands a finished trial's driver actor to the next trial instead of starting a new
+    # process that imports Ray Train, torch and the pipeline again (bench/sweep_startup.py).
+    # Not with ASHA: a trial it stops is still in trainer.fit(), which only its driver's exit ends.
+    reuse_actors: bool = True
     seed: int | None = 0
     space: dict[str, Distribution]
 
@@ -238,18 +243,11 @@ def check_state_api(timeout_s: float = 15) -> None:
 def run_sweep(
     spec: SweepSpec, base: Config, name: str | None = None, register: bool = True
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns the summary with the best trial and its model version."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from pipeline import tracking
-    from pipeline.data.shards import read_manifest
-    from pipeline.distributed.train import (
-        ENGINE_ONLY_GRAPHS,
-        register_trained_model,
-        storage_location,
-    )
+    """Run (or resume) a sweep; returns the summary with the best trial and its model version.
+    One launch per sweep name at a time (`pipeline.run_lease`, as for training runs)."""
+    from pipeline import run_lease
+    from pipeline.data.integrity import verify_dataset
+    from pipeline.distributed.train import ENGINE_ONLY_GRAPHS
 
     name = name or spec.name
     if not base.data.uri:
@@ -258,11 +256,28 @@ def run_sweep(
         )
     if base.train.cuda_graphs:
         raise SweepError(ENGINE_ONLY_GRAPHS)
+    verify_dataset(base.data.uri)  # before Ray starts, as every input check
+    try:
+        lease = run_lease.acquire(base.cluster.storage_path, name)
+    except run_lease.LeaseHeldError as exc:
+        raise SweepError(str(exc)) from None
+    with lease:
+        return _sweep(spec, base, name, register)
+
+
+def _sweep(spec: SweepSpec, base: Config, name: str, register: bool) -> dict[str, Any]:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pipeline import tracking
+    from pipeline.data.shards import read_manifest
+    from pipeline.distributed import console
+    from pipeline.distributed.train import register_trained_model, storage_location
+
     uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
     tracking.check_tracking_server(uri)
     if not ray.is_initialized():
-        from pipeline.distributed import console
-
         ray.init(**console.ray_init_kwargs())
     check_state_api()
     parent_id = tracking.start_or_resume_run(
@@ -315,9 +330,14 @@ def run_sweep(
                 max_concurrent_trials=max_concurrent(spec, base),
                 scheduler=scheduler,
                 search_alg=search_alg,
+                reuse_actors=spec.reuse_actors and spec.scheduler.type == "none",
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage_path, storage_filesystem=storage_fs
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                # Tune's trial tables: only with --verbose (the trials log their epochs)
+                verbose=None if console.is_verbose() else 0,
             ),
         )
     grid, interrupted = _fit_noting_interrupt(tuner)

@@ -27,6 +27,7 @@ from pipeline import mlflow_lineage, tracking
 from pipeline.config import Config
 from pipeline.data.batch_augment import BatchAugment, augmented_batches
 from pipeline.data.ray_reader import quiet_progress
+from pipeline.distributed.capacity import cluster_summary, guard_stalls, wait_for_capacity
 from pipeline.fit import EpochEnd, fit
 from pipeline.seeding import epoch_seed
 from pipeline.session import TrainingSession
@@ -150,6 +151,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     lead = rank == 0  # evaluates, logs to MLflow, writes the checkpoints
+    if lead:  # at every (re)start: a group restarted after a node loss must not starve its input
+        wait_for_capacity(
+            cfg.cluster, bool(ray.get_gpu_ids()), "at worker-group start", log.warning
+        )
     device = ray.train.torch.get_device()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -167,6 +172,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = (
         tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if lead else None
     )
+    # Steps the MLflow run already holds: epochs logged before a worker group died or a driver
+    # was stopped, after the checkpoint this group resumed from. Replaying them logs nothing, so
+    # the history keeps one value per step (the first run's: a one-worker resume replays them
+    # exactly; with several workers, only which worker read which rows may differ).
+    logged_through = logger.last_step("train/loss") if logger is not None else -1
     train_shard = ray.train.get_dataset_shard("train")
     per_worker_batch = max(1, cfg.optim.batch_size // world)  # keep the recipe's global batch
     first_epoch = session.epoch
@@ -184,6 +194,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             per_worker_batch,
             local_shuffle_buffer_size=shuffle_rows,
             local_shuffle_seed=seed,
+        )
+        # Ray Data left without CPUs (a lost node) would keep this worker waiting for 1,800 s
+        batches = guard_stalls(
+            batches,
+            cfg.cluster.stall_timeout_s,
+            f"epoch {epoch + 1} on rank {rank}",
+            cluster_summary,
         )
         if augment is not None:
             batches = augmented_batches(batches, augment, seed, device)
@@ -208,7 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.log_evaluation(
                     "test", end.test.results, class_counts, class_names, counts=end.test.counts
                 )
-            if end.train is not None:
+            if end.train is not None and end.epoch - 1 > logged_through:
                 # test/* before the last epoch: train.test_from_epoch (scalars only)
                 stepped = ("train/", "val/") if end.final else ("train/", "val/", "test/")
                 per_epoch = {k: v for k, v in metrics.items() if k.startswith(stepped)}

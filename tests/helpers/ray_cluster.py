@@ -65,10 +65,10 @@ def ray_head(tmp_dir: Path, num_cpus: int = 4, extra_env: dict | None = None):
         _stop(tmp_dir)
 
 
-def _stop(tmp_dir: Path) -> None:
-    """Stop only this head's processes (`ray stop` would stop every Ray on the machine): the
-    GCS, raylet and dashboard carry the session's temp dir on their command line; workers and
-    dashboard modules are their descendants."""
+def node_processes(tmp_dir: Path) -> list:
+    """The psutil processes of the Ray node started with `tmp_dir`: the GCS, raylet and
+    dashboard carry it on their command line; workers and dashboard modules are their
+    descendants. (Other Rays on the machine, e.g. a developer's, are not touched.)"""
     import psutil
 
     roots = [
@@ -80,7 +80,26 @@ def _stop(tmp_dir: Path) -> None:
     for root in roots:
         with contextlib.suppress(psutil.Error):
             mine.update({c.pid: c for c in root.children(recursive=True)})
-    mine = list(mine.values())
+    return list(mine.values())
+
+
+def train_workers(tmp_dir: Path) -> list:
+    """The Ray Train worker processes of that node."""
+    import psutil
+
+    found = []
+    for proc in node_processes(tmp_dir):
+        with contextlib.suppress(psutil.Error):
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+    return found
+
+
+def _stop(tmp_dir: Path) -> None:
+    """Stop only this head's processes (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+
+    mine = node_processes(tmp_dir)
     for proc in mine:
         with contextlib.suppress(psutil.Error):
             proc.terminate()

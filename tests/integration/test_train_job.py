@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -20,8 +22,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers.cifar_archives import write_parquet_folder
-from tests.helpers.processes import interrupt, start_driver
-from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S, submit_job
+from tests.helpers.processes import start_driver
+from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S, submit_job, train_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(RAY_JOB_TEST_TIMEOUT_S)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,12 +122,30 @@ def _logged_steps(tracking_uri: str, run_name: str) -> list[int]:
     return sorted({m.step for m in history})
 
 
-def test_killed_worker_and_relaunched_driver_continue_one_run(ray_cluster, tiny_dataset, tmp_path):
-    """Both recoveries in one run: a worker killed mid-run (Ray Train restarts the worker group
-    from the last checkpoint, FailureConfig), then the driver stopped with Ctrl-C and launched
-    again under the same run name (resumes from the checkpoint, continues the same MLflow run)."""
-    import psutil
+def _wait_for_status(uri: str, run_name: str, status: str, timeout: float) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        [run] = _runs(uri, run_name)
+        if run.info.status == status:
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"run '{run_name}' is {run.info.status}, not {status}")
 
+
+def _kill_a_train_worker(cluster) -> None:
+    workers = train_workers(cluster.tmp_dir)
+    assert workers, "no Ray Train worker process found"
+    workers[0].kill()
+
+
+def test_killed_worker_and_killed_driver_continue_one_run(ray_cluster, tiny_dataset, tmp_path):
+    """Both recoveries in one run: a worker killed mid-run (Ray Train restarts the worker group
+    from the last checkpoint, FailureConfig), then the driver killed with SIGKILL, between two
+    checkpoints. The driver's guard ends its MLflow run KILLED (issue 28, finding 4: it stayed
+    RUNNING); the next launch of the run name takes the dead launch's lease over, resumes from
+    the checkpoint, continues the same MLflow run and deletes the checkpoint folder Ray never
+    registered; and although the epochs after the last checkpoint ran twice, the metric history
+    holds one value per step (finding 3: the replayed epochs were logged again)."""
     name = "recovered"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cmd = _train_cmd(
@@ -133,34 +153,39 @@ def test_killed_worker_and_relaunched_driver_continue_one_run(ray_cluster, tiny_
         tiny_dataset,
         name,
         # the per-image path (Ray Data tasks augment); the submitted run below augments on
-        # the workers' device
+        # the workers' device. A checkpoint every 2 epochs: a driver killed after an odd
+        # epoch leaves an epoch that the relaunch replays.
         **{**FAST, "optim.epochs": 6, "optim.stage2_start": 5, "cluster.max_failures": 1},
-        **{"data.augment_on": "loader"},
+        **{"data.augment_on": "loader", "train.checkpoint_every": 2},
     )
     log = tmp_path / "driver.log"
     proc = start_driver(cmd, ROOT, ray_cluster.env, log=log)
     _wait_for_registered_checkpoint(tmp_path / "runs", name, proc)
-    workers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
-    assert workers, "no Ray Train worker process found"
-    workers[0].kill()
+    _kill_a_train_worker(ray_cluster)
 
-    # The restarted worker group trains on: wait for an epoch logged after the kill, then stop
-    # the driver as Ctrl-C does.
+    # The restarted worker group trains on: wait for an epoch logged after the kill and not
+    # checkpointed (an odd count), then kill the driver as the OOM killer would.
     killed_at = len(_logged_steps(uri, name))
     deadline = time.time() + 240
-    while len(_logged_steps(uri, name)) <= killed_at and time.time() < deadline:
+    while time.time() < deadline:
+        steps = len(_logged_steps(uri, name))
+        if steps > killed_at and steps % 2 == 1:
+            break
         assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.5)
-    interrupt(proc, timeout=60)
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
     out = log.read_text()
     resumed = [ln for ln in out.splitlines() if "resumed from checkpoint at epoch" in ln]
     assert resumed and all(" epoch 0" not in ln for ln in resumed), out[-3000:]
-    [first] = _runs(uri, name)
-    assert 0 < len(_logged_steps(uri, name)) < 6, "the driver was stopped mid-run"
+    killed = _wait_for_status(uri, name, "KILLED", timeout=60)
+    reason = killed.data.tags["shike.end_reason"]
+    assert f"died without ending run '{name}'" in reason and f"--run-name {name}" in reason
+    assert 0 < len(_logged_steps(uri, name)) < 6, "the driver was killed mid-run"
+    # What a worker killed mid-write leaves: a checkpoint folder that Ray never registered.
+    orphan = tmp_path / "runs" / name / "checkpoint_2099-01-01_00-00-00.000000"
+    orphan.mkdir()
+    (orphan / "checkpoint.pt").write_bytes(b"partial")
 
     # Relaunched with another execution setting (workers' CPU share): same recipe, so the
     # checkpoint and the MLflow run continue, and the run's tag records the change.
@@ -172,15 +197,73 @@ def test_killed_worker_and_relaunched_driver_continue_one_run(ray_cluster, tiny_
     # Each line the rank-0 worker logs reaches the driver once: the resume, then epochs
     # resume+1 ... 6 (Ray Train's print patch echoed a worker's print() twice).
     output = done.stdout + done.stderr
+    assert "died without ending it; this launch takes it over" in output, output[-3000:]
     [resumed_line] = [ln for ln in output.splitlines() if "resumed from checkpoint at epoch" in ln]
     resumed_at = int(resumed_line.rsplit(" ", 1)[1])
     epochs = [int(e) for e in re.findall(r"epoch +(\d+)/6 stage", output)]
     assert epochs == list(range(resumed_at + 1, 7)), output[-3000:]
     assert output.count("test: top-1") == 1, output[-3000:]
     [again] = _runs(uri, name)
-    assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
+    assert again.info.run_id == killed.info.run_id and again.info.status == "FINISHED"
     assert again.data.tags["shike.execution_changes"] == "cluster.cpus_per_worker=0.4 (logged 0.5)"
-    assert _logged_steps(uri, name) == list(range(6))
+    assert "shike.took_over_from" in again.data.tags
+    history = MlflowClient(uri).get_metric_history(again.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(6)), "one value per step"
+    assert not orphan.exists()
+
+
+def test_second_launch_is_refused_and_a_dead_worker_says_how_to_resume(
+    ray_cluster, tiny_dataset, tmp_path
+):
+    """Two launches of one run name at once (issue 28, finding 1): one trains, the other exits
+    1 with one line naming the owner. Then a worker dies with no restart left (finding 5): the
+    driver's error says which checkpoint was kept and the exact command that resumes, and that
+    command finishes the run: one MLflow run, one model version."""
+    name = "twice"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = _train_cmd(
+        tmp_path,
+        tiny_dataset,
+        name,
+        **{**FAST, "optim.epochs": 4, "optim.stage2_start": 3, "cluster.max_failures": 0},
+        **{"data.augment_on": "loader"},
+    )
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = [start_driver(cmd, ROOT, ray_cluster.env, log=log) for log in logs]
+    deadline = time.time() + 120
+    while all(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.2)
+    [refused] = [i for i, p in enumerate(procs) if p.poll() is not None]
+    winner = procs[1 - refused]
+    assert procs[refused].returncode == 1
+    [error] = [ln for ln in logs[refused].read_text().splitlines() if ln.startswith("error:")]
+    assert f"run '{name}' is already being trained by pid {winner.pid} on " in error, error
+
+    _wait_for_registered_checkpoint(tmp_path / "runs", name, winner)
+    _kill_a_train_worker(ray_cluster)
+    assert winner.wait(timeout=240) == 1
+    lines = logs[1 - refused].read_text().splitlines()
+    error = lines[-1]
+    assert error.startswith(f"error: training run '{name}' failed: "), lines[-20:]
+    assert re.search(r"the checkpoint of epoch \d is kept \(", error), error
+    resume = error.split("resume with: ", 1)[1]
+    assert resume == shlex.join(["python", "-m", "jobs.train", *cmd[3:]]), error
+    # The cause is the killed worker's death, said in a few words, not Ray's guesses (OOM,
+    # SIGSEGV, ...) nor the surviving worker's broken collective.
+    cause = error.split(" failed: ", 1)[1].split("; the checkpoint", 1)[0]
+    assert re.fullmatch(r"Train worker rank \d died: its process ended .{0,100}", cause), cause
+    [run] = _runs(uri, name)
+    assert run.info.status == "FAILED"
+
+    done = subprocess.run(
+        [sys.executable, *shlex.split(resume)[1:]],
+        cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [again] = _runs(uri, name)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    versions = MlflowClient(uri).search_model_versions("name = 'shike-test'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
 
 
 def test_submitted_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset, tmp_path):
@@ -267,6 +350,36 @@ def test_unreachable_tracking_server_fails_before_workers_start(tiny_dataset, tm
     assert proc.returncode != 0
     assert "127.0.0.1:9" in proc.stderr and "error:" in proc.stderr
     assert not (tmp_path / "runs").exists()  # no Ray Train run was started
+
+
+def test_data_that_contradicts_its_manifest_fails_before_ray_starts(tiny_dataset, tmp_path):
+    """Two class counts of the training split swapped, total kept and the checksum recomputed
+    (issue 28, findings 6 and 7): the labels in the shards refute the manifest, and the job
+    says so before a local Ray instance starts (no session in RAY_TMPDIR); it used to train
+    with the wrong class priors."""
+    import shutil
+
+    from pipeline.data.manifest import seal_document
+
+    data = tmp_path / "edited"
+    shutil.copytree(tiny_dataset, data)
+    doc = json.loads((data / "manifest.json").read_text())
+    train = doc["splits"]["train"]["class_counts"]
+    train[0], train[-1] = train[-1], train[0]
+    doc["class_counts"] = list(train)
+    (data / "manifest.json").write_text(json.dumps(seal_document(doc)))
+    ray_tmp = Path(f"/tmp/rt-{os.getpid()}-{time.time_ns() % 10**6}")  # short: socket paths
+    try:
+        proc = subprocess.run(
+            _train_cmd(tmp_path, str(data), "edited"),
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)},
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "split train: class 0 ('airplane') has" in proc.stderr, proc.stderr[-2000:]
+        assert not list(ray_tmp.glob("**/session_*")), "a local Ray instance was started"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path):

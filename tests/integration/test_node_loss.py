@@ -1,0 +1,190 @@
+"""Node loss on a two-node Ray cluster on loopback (issue 28, finding 2).
+
+Two `ray start` processes on this machine, 2 CPUs each, one Train worker (1 CPU) on each node.
+The worker node's raylet is killed mid-run: Ray Train restarts the group on the head, where
+both workers fit but leave Ray Data no CPU. Before the capacity check and the stall guard
+(pipeline.distributed.capacity) the run then waited 1,800 s per retry with its MLflow run left
+RUNNING; now it fails clearly within minutes and the MLflow run ends FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers.cifar_archives import write_parquet_folder
+from tests.helpers.processes import start_driver
+from tests.helpers.ray_cluster import RAY_ENV, _ray_bin, _stop
+from tests.helpers.s3_server import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+ROOT = Path(__file__).resolve().parents[2]
+STALL_TIMEOUT_S = 60  # the test's cluster.stall_timeout_s (the default is 300)
+
+# Holds one CPU on each node while the Train workers are placed, so Ray Train's PACK strategy
+# has to put one worker on each node (each node keeps one CPU for Ray Data afterwards).
+HOLDER = """
+import sys, ray
+from ray.util.placement_group import placement_group, remove_placement_group
+ray.init(log_to_driver=False)
+pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD")
+ray.get(pg.ready(), timeout=60)
+print("held", flush=True)
+sys.stdin.readline()
+remove_placement_group(pg)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    from pipeline.data.shards import prepare_dataset
+
+    base = tmp_path_factory.mktemp("tiny")
+    write_parquet_folder(base / "raw", train_per_class=40, test_per_class=6)
+    prepare_dataset("cifar10", str(base / "raw"), str(base / "shards"), 4.0, val_per_class=4)
+    return str(base / "shards")
+
+
+@contextlib.contextmanager
+def two_nodes(tmp: Path) -> Iterator[dict]:
+    """A head and a worker node, 2 CPUs each, with their own temp dirs under `tmp`; yields the
+    environment for drivers. Stops only these nodes' processes."""
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(tmp)}
+    port = free_port()
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0"]
+    common += ["--disable-usage-stats"]
+    orphans: list[psutil.Process] = []
+    try:
+        subprocess.run(
+            [_ray_bin(), "start", "--head", f"--port={port}", "--include-dashboard=false",
+             f"--temp-dir={tmp / 'head'}", *common],
+            env=env, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        subprocess.run(
+            [_ray_bin(), "start", f"--address=127.0.0.1:{port}", f"--temp-dir={tmp / 'node'}",
+             *common],
+            env=env, check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "_orphans": orphans}
+    finally:
+        _stop(tmp)
+        for proc in orphans:  # the lost node's workers, if they outlived their raylet
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _raylet(tmp: Path, node: str) -> psutil.Process:
+    [raylet] = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if (cmd := p.info["cmdline"] or [])
+        and cmd[0].endswith("/raylet")
+        and str(tmp / node) in " ".join(cmd)
+    ]
+    return raylet
+
+
+def _train_workers(raylet: psutil.Process) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return [
+            p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
+        ]
+    return []
+
+
+def _registered(storage: Path, run_name: str) -> bool:
+    import json
+
+    try:
+        state = json.loads((storage / run_name / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return bool(state["checkpoint_results"])
+
+
+def _wait(condition, timeout_s: float, proc: subprocess.Popen, log: Path, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, f"driver ended before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout_s}s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def test_a_lost_node_fails_the_run_clearly_within_minutes(tiny_dataset, tmp_path):
+    tmp = Path(f"/tmp/rnl-{uuid.uuid4().hex[:8]}")  # AF_UNIX socket paths stay short
+    name = "node-loss"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    values = {
+        "data.uri": tiny_dataset,
+        "model.arch": "resnet32",
+        "optim.epochs": 8,
+        "optim.stage2_start": 7,
+        "optim.batch_size": 32,
+        "optim.warmup_epochs": 0,
+        "cluster.num_workers": 2,
+        "cluster.cpus_per_worker": 1,
+        "cluster.max_failures": 1,  # the finding: the group restarts on the head
+        "cluster.stall_timeout_s": STALL_TIMEOUT_S,
+        "cluster.storage_path": str(tmp_path / "runs"),
+        "tracking.tracking_uri": uri,
+        "tracking.model_name": "shike-test",
+        "train.threads": 1,
+    }
+    cmd = [sys.executable, "-m", "jobs.train", "--config", "configs/smoke.yaml"]
+    cmd += ["--run-name", name, *[a for k, v in values.items() for a in ("--set", f"{k}={v}")]]
+    log = tmp_path / "driver.log"
+    with two_nodes(tmp) as env:
+        orphans = env.pop("_orphans")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER], env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        proc = None
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            proc = start_driver(cmd, ROOT, env, log=log)
+            head, node = _raylet(tmp, "head"), _raylet(tmp, "node")
+            _wait(
+                lambda: _train_workers(head) and _train_workers(node),
+                240, proc, log, "Train worker on each node",
+            )  # fmt: skip
+            holder.communicate("\n", timeout=60)  # the CPUs it held go to Ray Data
+            _wait(lambda: _registered(tmp_path / "runs", name), 240, proc, log, "checkpoint")
+
+            orphans += [*_train_workers(node), *node.children(recursive=True)]
+            node.kill()
+            killed = time.monotonic()
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"driver still running 300 s after the node loss:\n{log.read_text()}")
+            took = time.monotonic() - killed
+        finally:
+            for child in (holder, proc):
+                if child is not None and child.poll() is None:
+                    child.kill()
+                    child.wait()
+    out = log.read_text()
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    print(f"node loss -> driver exit in {took:.0f} s, rc {proc.returncode}: {errors[-1:]}")
+    assert took < 300
+    if proc.returncode != 0:
+        assert errors, out[-3000:]
+        assert "CapacityError" in errors[-1] or "input stalled" in errors[-1], errors[-1]
+    [run] = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("shike").experiment_id],
+        f"tags.`shike.run_name` = '{name}'",
+    )
+    assert run.info.status == ("FINISHED" if proc.returncode == 0 else "FAILED")
