@@ -30,7 +30,7 @@ from tests.helpers.s3_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
-STALL_TIMEOUT_S = 60  # the test's cluster.stall_timeout_s (the default is 300)
+STALL_TIMEOUT_S = 45  # the test's cluster.stall_timeout_s (the default is 300)
 
 # Holds one CPU on each node while the Train workers are placed, so Ray Train's PACK strategy
 # has to put one worker on each node (each node keeps one CPU for Ray Data afterwards).
