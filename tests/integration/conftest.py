@@ -142,3 +142,21 @@ def _stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# ======================================================================================
+# Training-job fixtures: one small prepared dataset for the Ray Train job tests
+# ======================================================================================
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """CIFAR-10-LT shards of generated images (IF 4, 40 head images, 4 val and 6 test per
+    class), shared read-only by the jobs.train tests."""
+    from pipeline.data.shards import prepare_dataset
+    from tests.helpers.cifar_archives import write_parquet_folder
+
+    base = tmp_path_factory.mktemp("tiny")
+    write_parquet_folder(base / "raw", train_per_class=40, test_per_class=6)
+    prepare_dataset("cifar10", str(base / "raw"), str(base / "shards"), 4.0, val_per_class=4)
+    return str(base / "shards")

@@ -23,7 +23,6 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.cifar_archives import write_parquet_folder
 from tests.helpers.processes import start_driver
 from tests.helpers.ray_cluster import RAY_ENV, _ray_bin, _stop
 from tests.helpers.s3_server import free_port
@@ -44,16 +43,6 @@ print("held", flush=True)
 sys.stdin.readline()
 remove_placement_group(pg)
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    from pipeline.data.shards import prepare_dataset
-
-    base = tmp_path_factory.mktemp("tiny")
-    write_parquet_folder(base / "raw", train_per_class=40, test_per_class=6)
-    prepare_dataset("cifar10", str(base / "raw"), str(base / "shards"), 4.0, val_per_class=4)
-    return str(base / "shards")
 
 
 @contextlib.contextmanager

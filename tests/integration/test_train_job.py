@@ -21,22 +21,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.cifar_archives import write_parquet_folder
 from tests.helpers.processes import start_driver
 from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S, submit_job, train_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(RAY_JOB_TEST_TIMEOUT_S)]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    from pipeline.data.shards import prepare_dataset
-
-    base = tmp_path_factory.mktemp("tiny")
-    write_parquet_folder(base / "raw", train_per_class=40, test_per_class=6)
-    prepare_dataset("cifar10", str(base / "raw"), str(base / "shards"), 4.0, val_per_class=4)
-    return str(base / "shards")
 
 
 # The fault-tolerance tests need any two-stage model, not SHIKE's cost: the single-expert
