@@ -1,0 +1,299 @@
+"""Where a sweep trial's start-up goes: `python -m jobs.tune` on a local Ray head node.
+
+    python -m bench.sweep_startup [--trials 4] [--rounds 1] [--variants fresh reuse] [--no-record]
+
+A sequential sweep (one trial at a time, FIFO) of `--trials` one-epoch trials of ResNet-32 on a
+tiny CIFAR-10-LT (`--head-images` in the head class, prepared from $CIFAR10_DIR) with 2 Train
+workers x 0.5 CPU, once per variant, alternated `--rounds` times against the same head (the
+machine is shared: alternating spreads its noise over both). Variants:
+
+- `fresh`: a new trial driver actor per trial (`reuse_actors: false` in the sweep file);
+- `reuse`: Tune hands the finished trial's driver actor to the next trial (the default of
+  sweeps without ASHA, whose stopped trials must end with their driver).
+
+For each trial after the first, the gap from the previous trial's end (its MLflow child run's
+end time: the driver closes it once `trainer.fit()` returned) to its first training batch (the
+`[shike] first training batch at unix time` line of its rank-0 worker) is split at moments
+Ray itself records (its task events, from the State API; Ray is not modified):
+
+1. driver: until the trial's driver function runs (Tune's teardown of the previous trial, a
+   new actor process or the reset of the reused one);
+2. setup: until the TrainController actor's creation starts (in a new process the imports of
+   pipeline.distributed.train: torch, Ray Train, Ray Data, MLflow; the trial's datasets and
+   MLflow child run, the TorchTrainer);
+3. controller: until the controller asks for its workers' resources (a new process importing
+   Ray Train, the controller's set-up);
+4. actors: until the RayTrainWorker actors exist (placement group, worker processes);
+5. context: until Ray Train's context is set up on them (torch.distributed among others);
+6. launch: until the training function runs on them (each unpickles it: imports
+   pipeline.distributed.worker, with torch, torchvision and the pipeline);
+7. first batch: until the first batch reaches rank 0's training step (the model, MLflow,
+   Ray Data's first execution of the split).
+
+Phases 1-2 come from Ray's task events (State API), 3-6 from Ray Train's controller logs (its
+`[Worker Group Initialization]` lines), 7 from the `[shike] first training batch` line.
+Medians over the trials after the first of every round; the figures are seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.record import record
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("driver", "setup", "controller", "actors", "context", "launch", "first batch")
+# Ray Train's controller logs (session_*/logs/train/ray-train-sys-controller-*.log, JSON lines):
+# the moments its worker group start-up passes, as phase names
+TRAIN_MARKS = {
+    "Requesting resources": "controller",
+    "worker actors created": "actors",
+    "Train context initialized on workers": "context",
+    "Train function launched on workers": "launch",
+}
+FIRST_BATCH = re.compile(r"first training batch at unix time ([0-9.]+)")
+
+SWEEP = """name: {name}
+base_config: {root}/configs/smoke.yaml
+metric: val/score
+num_samples: 1
+max_concurrent_trials: 1
+reuse_actors: {reuse}
+scheduler: {{type: none}}
+space:
+  optim.peak_lr: {{grid: {grid}}}
+"""
+
+
+def _stream(proc: subprocess.Popen, out: list[tuple[float, str]]) -> None:
+    """Keep every line of the sweep's output with the time it arrived."""
+    for line in proc.stdout:
+        out.append((time.time(), line))
+
+
+def run_sweep(variant: str, name: str, args, work: Path, data: str, env: dict) -> dict:
+    """Launch jobs.tune for one variant; (launch time, end time, its output lines)."""
+    sweep = work / f"{name}.yaml"
+    sweep.write_text(
+        SWEEP.format(
+            name=name,
+            root=ROOT,
+            reuse=str(variant == "reuse").lower(),
+            grid=[round(0.05 * (i + 1), 2) for i in range(args.trials)],
+        )
+    )
+    overrides = [
+        f"data.uri={data}",
+        "model.arch=resnet32",
+        "optim.epochs=1",
+        "optim.stage2_start=1",
+        "optim.batch_size=64",
+        "train.threads=1",
+        "cluster.num_workers=2",
+        "cluster.cpus_per_worker=0.5",
+        f"cluster.storage_path={work}/runs",
+        f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
+    ]
+    cmd = [sys.executable, "-m", "jobs.tune", "--config", str(sweep), "--no-register"]
+    for o in overrides:
+        cmd += ["--set", o]
+    lines: list[tuple[float, str]] = []
+    launched = time.time()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    reader = threading.Thread(target=_stream, args=(proc, lines), daemon=True)
+    reader.start()
+    proc.wait(timeout=1800)
+    reader.join(timeout=10)
+    if proc.returncode != 0:
+        sys.exit(f"sweep {name} failed:\n{''.join(line for _, line in lines)[-5000:]}")
+    return {"launched": launched, "ended": time.time(), "lines": lines}
+
+
+def trial_phases(run: dict, name: str, tracking_uri: str, events: list) -> list[dict]:
+    """Per trial, in start order: the moments of its start-up (unix seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("shike").experiment_id
+    children = client.search_runs([experiment], f"tags.`shike.sweep` = '{name}'")
+    children = sorted(
+        (c for c in children if c.data.tags.get("mlflow.parentRunId")),
+        key=lambda c: c.info.start_time,
+    )
+    firsts = [float(m[1]) for _, line in run["lines"] if (m := FIRST_BATCH.search(line))]
+    if len(firsts) != len(children):
+        sys.exit(f"{name}: {len(children)} trials but {len(firsts)} first-batch lines")
+    in_run = [e for e in events if run["launched"] <= e["start"] <= run["ended"]]
+    trials = []
+    for i, first in enumerate(firsts):
+        begin = run["launched"] if i == 0 else children[i - 1].info.end_time / 1000
+
+        def last(kind: str, key: str, begin: float = begin, first: float = first) -> float:
+            found = [e[key] for e in in_run if e["kind"] == kind and begin < e["start"] < first]
+            return max(found) if found else float("nan")
+
+        trials.append(
+            {
+                "begin": begin,
+                "driver": last("trial", "start"),
+                "setup": last("created", "start"),
+                **{mark: last(mark, "start") for mark in TRAIN_MARKS.values()},
+                "first batch": first,
+            }
+        )
+    return trials
+
+
+def task_events(address: str) -> list[dict]:
+    """Start/end of the tasks that mark a trial's start-up, from Ray's task events: the trial
+    driver's `train` calls (a trial's first one starts its function) and the TrainController's
+    creation."""
+    from ray.util.state import list_tasks
+
+    kinds = {
+        "ImplicitFunc.train": "trial",
+        "TrainController.__init__": "created",
+    }
+    events = []
+    for name, kind in kinds.items():
+        tasks = list_tasks(
+            address=address,
+            filters=[("func_or_class_name", "=", name)],
+            limit=10_000,  # the State API's most
+            detail=True,
+            raise_on_missing_output=False,
+            timeout=120,
+        )
+        events += [
+            {"kind": kind, "start": t.start_time_ms / 1000, "end": t.end_time_ms / 1000}
+            for t in tasks
+            if t.start_time_ms and t.end_time_ms
+        ]
+    return events
+
+
+def train_log_events(ray_dir: Path) -> list[dict]:
+    """The TRAIN_MARKS moments of every Train controller of the node, from Ray Train's logs."""
+    import json
+
+    events = []
+    for path in ray_dir.glob("session_*/logs/train/ray-train-sys-controller-*.log"):
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            for text, kind in TRAIN_MARKS.items():
+                if text in entry.get("message", ""):
+                    at = entry["timestamp_ns"] / 1e9
+                    events.append({"kind": kind, "start": at, "end": at})
+    return events
+
+
+def summary_rows(per_variant: dict[str, list[dict]]) -> list[str]:
+    """The Markdown table: per variant the median of each phase and of the whole gap; with
+    both variants, their ratio (reuse / fresh) per column."""
+
+    def median(trials: list[dict], a: str, b: str) -> float:
+        return statistics.median(t[b] - t[a] for t in trials)
+
+    marks = ["begin", *PHASES[:-1], "begin"]  # the last column: the whole gap
+    rows = [
+        f"| variant | trials | {' | '.join(PHASES)} | end -> first batch |",
+        "|---|---|" + "---|" * (len(PHASES) + 1),
+    ]
+    medians: dict[str, list[float]] = {}
+    for variant, trials in per_variant.items():
+        medians[variant] = [
+            median(trials, a, b) for a, b in zip(marks, [*PHASES, "first batch"], strict=True)
+        ]
+        cells = " | ".join(f"{m:.1f}" for m in medians[variant])
+        rows.append(f"| {variant} | {len(trials)} | {cells} |")
+    if {"fresh", "reuse"} <= set(medians):
+        pairs = zip(medians["reuse"], medians["fresh"], strict=True)
+        ratios = (r / f if f > 0 else float("nan") for r, f in pairs)
+        rows.append(f"| reuse / fresh | | {' | '.join(f'{r:.2f}' for r in ratios)} |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--trials", type=int, default=4, help="trials per sweep")
+    ap.add_argument("--rounds", type=int, default=1, help="times each variant runs, alternated")
+    ap.add_argument("--variants", nargs="+", default=["fresh", "reuse"], choices=["fresh", "reuse"])
+    ap.add_argument("--head-images", type=int, default=100, help="head-class size (n_max)")
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+    source = os.environ.get("CIFAR10_DIR")
+    if not source:
+        sys.exit("set CIFAR10_DIR to the CIFAR-10 Parquet folder (../shared/data/cifar10)")
+
+    from pipeline.data.shards import prepare_dataset
+    from tests.helpers.ray_cluster import ray_head
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    data = str(work / "data")
+    manifest = prepare_dataset(
+        "cifar10", source, data, 100.0, n_max=args.head_images, val_per_class=10, test_per_class=10
+    )
+    tracking_uri = f"sqlite:///{work}/mlflow.db"
+    ray_dir = Path(f"/tmp/rs{os.getpid() % 100000}")  # short: Ray's socket paths are capped
+    atexit.register(shutil.rmtree, ray_dir, ignore_errors=True)
+    order = [v for r in range(args.rounds) for v in (args.variants[:: 1 if r % 2 == 0 else -1])]
+    runs = []
+    with ray_head(ray_dir, num_cpus=4) as (address, dashboard, env):
+        for k, variant in enumerate(order):
+            name = f"startup-{variant}-{k}"
+            print(f"[bench] {name} ({time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f})")
+            runs.append((variant, name, run_sweep(variant, name, args, work, data, env)))
+        events = task_events(dashboard) + train_log_events(ray_dir)
+    per_variant: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for variant, name, run in runs:
+        trials = trial_phases(run, name, tracking_uri, events)
+        for i, t in enumerate(trials):
+            marks = [t["begin"], *(t[p] for p in PHASES)]
+            print(
+                f"[bench] {name} trial {i}: "
+                + " ".join(
+                    f"{p} {b - a:.1f}" for p, a, b in zip(PHASES, marks, marks[1:], strict=False)
+                )
+                + f" | total {t['first batch'] - t['begin']:.1f}"
+            )
+        per_variant[variant] += trials[1:]
+
+    rows = summary_rows(per_variant)
+    table = (
+        f"`python -m jobs.tune` on a local head (4 logical CPUs): {args.trials} sequential "
+        f"one-epoch trials of ResNet-32 ({manifest.splits['train'].num_rows:,} training images, "
+        f"2 workers x 0.5 CPU) per sweep, the variants alternated {args.rounds} time(s); "
+        "medians over the trials after each sweep's first, in seconds (phases: the docstring "
+        "of bench/sweep_startup.py). fresh: a new trial driver process per trial (before); "
+        "reuse: Tune hands a finished trial's driver to the next (`reuse_actors`, now the "
+        "default of sweeps without ASHA)\n\n" + "\n".join(rows)
+    )
+    record(
+        "sweep_startup",
+        "Sweep start-up: a trial's end to the next trial's first batch",
+        table,
+        print_only=args.no_record,
+    )
+
+
+if __name__ == "__main__":
+    main()
