@@ -93,7 +93,7 @@ finally:
 """
 
 
-def test_sweep_refuses_a_ray_without_its_state_api(tmp_path):
+def test_sweep_refuses_a_ray_without_its_state_api(tiny_dataset, tmp_path):
     """Without the dashboard, finished trials' placement groups are never freed (the sweep
     would hang after the first trials): refused up front, before any MLflow run exists."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -102,7 +102,7 @@ def test_sweep_refuses_a_ray_without_its_state_api(tmp_path):
             sys.executable,
             "-c",
             NO_DASHBOARD_SWEEP,
-            f"data.uri={tmp_path}/data",
+            f"data.uri={tiny_dataset}",  # a real dataset: the data is checked first
             f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         ],
         cwd=ROOT,
