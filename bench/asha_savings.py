@@ -15,14 +15,10 @@ configuration (by val/score at the end) is the one the full grid finds.
 from __future__ import annotations
 
 import argparse
-import atexit
-import os
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
+from bench.common import cifar10_source, scratch_dir
 from bench.record import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +31,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    source = os.environ.get("CIFAR10_DIR")
-    if not source:
-        sys.exit("set CIFAR10_DIR to the CIFAR-10 Parquet folder (../shared/data/cifar10)")
+    source = cifar10_source()
 
     import ray
 
@@ -45,8 +39,7 @@ def main() -> None:
     from pipeline.data.shards import prepare_dataset
     from pipeline.distributed.tune import SchedulerSpec, SweepSpec, run_sweep
 
-    work = Path(tempfile.mkdtemp(prefix="bench-asha-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)  # also on sys.exit
+    work = scratch_dir("bench-asha-")
     data = str(work / "data")
     manifest = prepare_dataset(
         "cifar10", source, data, 100.0, n_max=args.head_images, val_per_class=20, test_per_class=20

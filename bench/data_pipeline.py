@@ -16,15 +16,11 @@ Needs CIFAR10_DIR (the real CIFAR-10 Parquet copy). Everything is measured in on
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
-import shutil
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
+from bench.common import cifar10_source, scratch_dir
 from bench.record import record
 from bench.train_step import images_per_s
 
@@ -44,9 +40,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    source = os.environ.get("CIFAR10_DIR")
-    if not source:
-        sys.exit("set CIFAR10_DIR to the CIFAR-10 Parquet folder (../shared/data/cifar10)")
+    source = cifar10_source()
 
     import ray
     import torch
@@ -58,8 +52,7 @@ def main() -> None:
     from pipeline.data.torch_reader import load_prepared, make_loader
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 
-    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)  # also on sys.exit
+    work = scratch_dir("bench-data-")
     t0 = time.perf_counter()
     prepare_dataset("cifar10", source, str(work / "local"), 100.0)
     prepare_s = time.perf_counter() - t0

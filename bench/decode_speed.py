@@ -18,13 +18,10 @@ dataset is built and is not timed.
 from __future__ import annotations
 
 import argparse
-import atexit
 import io
 import logging
 import os
-import shutil
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -34,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.common import scratch_dir
 from bench.record import record
 
 BATCH = 32
@@ -128,8 +126,7 @@ def main() -> None:
     from tests.helpers.jpeg_shards import write_source_dataset
 
     cores = os.cpu_count() or 1
-    work = Path(tempfile.mkdtemp(prefix="bench-decode-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    work = scratch_dir("bench-decode-")
     classes = 8
     counts = [args.images // classes] * classes
     uri, encoded = write_source_dataset(

@@ -20,17 +20,15 @@ once per epoch, so the ratio grows with the epoch's size: compare `--head-images
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from bench.common import cifar10_source, ray_temp_dir, scratch_dir
 from bench.record import record
 from bench.train_step import images_per_s
 
@@ -50,9 +48,7 @@ def main() -> None:
     ap.add_argument("--head-images", type=int, default=500, help="head-class size (n_max)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    source = os.environ.get("CIFAR10_DIR")
-    if not source:
-        sys.exit("set CIFAR10_DIR to the CIFAR-10 Parquet folder (../shared/data/cifar10)")
+    source = cifar10_source()
 
     import torch
     from mlflow.tracking import MlflowClient
@@ -62,8 +58,7 @@ def main() -> None:
     from tests.helpers.ray_cluster import ray_head
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 
-    work = Path(tempfile.mkdtemp(prefix="bench-pipe-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)  # also on sys.exit
+    work = scratch_dir("bench-pipe-")
     os.environ.update(FAKE_CREDENTIALS)
     results = []
     with MotoServer() as server:
@@ -82,8 +77,7 @@ def main() -> None:
             s3=s3,
         )
         train_images = manifest.splits["train"].num_rows
-        ray_dir = Path(f"/tmp/rb{os.getpid() % 100000}")  # short: Ray's socket paths are capped
-        atexit.register(shutil.rmtree, ray_dir, ignore_errors=True)
+        ray_dir = ray_temp_dir("rb")
         with ray_head(ray_dir, num_cpus=4) as (_, dashboard, env):
             for workers in args.workers:
                 name = f"bench-{workers}w"

@@ -16,14 +16,13 @@ a re-run that finds every shard published (each verified by its sha256 and kept)
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from bench.common import scratch_dir
 from bench.record import record
 from pipeline.data.prepare_lists import prepare_benchmark
 from pipeline.data.storage import S3Options, create_bucket, resolve
@@ -77,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 
-    work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    work = scratch_dir("bench-prepare-")
     t0 = time.perf_counter()
     source, count, source_mb = _generate(work / "imagenet-lt", args.images)
     print(f"generated {count:,} JPEGs ({source_mb:.0f} MB) in {time.perf_counter() - t0:.0f} s")

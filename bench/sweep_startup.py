@@ -38,18 +38,16 @@ Medians over the trials after the first of every round; the figures are seconds.
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+from bench.common import cifar10_source, ray_temp_dir, scratch_dir
 from bench.record import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,22 +237,18 @@ def main() -> None:
     ap.add_argument("--head-images", type=int, default=100, help="head-class size (n_max)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    source = os.environ.get("CIFAR10_DIR")
-    if not source:
-        sys.exit("set CIFAR10_DIR to the CIFAR-10 Parquet folder (../shared/data/cifar10)")
+    source = cifar10_source()
 
     from pipeline.data.shards import prepare_dataset
     from tests.helpers.ray_cluster import ray_head
 
-    work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    work = scratch_dir("bench-sweep-")
     data = str(work / "data")
     manifest = prepare_dataset(
         "cifar10", source, data, 100.0, n_max=args.head_images, val_per_class=10, test_per_class=10
     )
     tracking_uri = f"sqlite:///{work}/mlflow.db"
-    ray_dir = Path(f"/tmp/rs{os.getpid() % 100000}")  # short: Ray's socket paths are capped
-    atexit.register(shutil.rmtree, ray_dir, ignore_errors=True)
+    ray_dir = ray_temp_dir("rs")
     order = [v for r in range(args.rounds) for v in (args.variants[:: 1 if r % 2 == 0 else -1])]
     runs = []
     with ray_head(ray_dir, num_cpus=4) as (address, dashboard, env):

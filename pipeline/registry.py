@@ -166,7 +166,8 @@ def version_description(
         stage1 += f" (CE {loss.ce_weight:g}, DKT {loss.dkt_weight:g}, MD {loss.md_weight:g})"
     losses = f"stage 1 {stage1}"
     if cfg.optim.stage2_start < cfg.optim.epochs:
-        losses += f", stage 2 `{loss.stage2}` from epoch {cfg.optim.stage2_start}"
+        last = cfg.optim.epochs - cfg.optim.stage2_start  # stage2_start counts from 0
+        losses += f", stage 2 `{loss.stage2}` for the last {last} epoch{'s' if last > 1 else ''}"
     trained_by = f", trained by run `{run_name}`" if run_name else ""
     train_rows = manifest.splits["train"].num_rows if "train" in manifest.splits else None
     data_uri = dataset_location(manifest) or cfg.data.uri

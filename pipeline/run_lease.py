@@ -18,6 +18,7 @@ launch that died without releasing it: `RunLease.took_over` is that owner.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import json
@@ -88,7 +89,7 @@ def _dead_here(owner: dict[str, Any]) -> bool:
     return False
 
 
-class RunLease:
+class RunLease(abc.ABC):
     """A held lease; `release()` (or leaving the `with` block) gives it up."""
 
     def __init__(self, location: str, owner: dict[str, Any], took_over: dict | None) -> None:
@@ -96,8 +97,8 @@ class RunLease:
         self.owner = owner
         self.took_over = took_over
 
-    def release(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def release(self) -> None: ...
 
     def __enter__(self) -> RunLease:
         return self

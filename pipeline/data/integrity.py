@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data import IntegrityError
 from pipeline.data.longtail import lt_groups
-from pipeline.data.manifest import Manifest, ShardInfo, read_manifest
+from pipeline.data.manifest import Manifest, ShardInfo, as_manifest
 from pipeline.data.storage import S3Options, display, join, storage_error
 
 _REPREPARE = "re-run jobs.prepare_data to publish the dataset again"
@@ -130,11 +130,7 @@ def verify_dataset(
     Raises IntegrityError (a DataError) naming the split, the class and both counts, or the
     shard; StorageError when the store cannot be read. Needs neither Ray nor MLflow.
     """
-    manifest = (
-        uri_or_manifest
-        if isinstance(uri_or_manifest, Manifest)
-        else read_manifest(uri_or_manifest, s3)
-    )
+    manifest = as_manifest(uri_or_manifest, s3)
     names = list(manifest.splits) if splits is None else list(splits)
     cache: dict[str, list[int]] = {}
     for split in names:

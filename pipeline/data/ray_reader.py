@@ -25,13 +25,8 @@ import torch
 
 from pipeline.data import DataError
 from pipeline.data.decode import decode_rgb
-from pipeline.data.shards import (
-    TRAIN_ROW_ORDER,
-    Manifest,
-    read_manifest,
-    shard_files,
-    verify_split,
-)
+from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest, as_manifest
+from pipeline.data.shards import shard_files, verify_split
 from pipeline.data.sources import decode_images
 from pipeline.data.storage import S3Options
 from pipeline.data.transforms import (
@@ -203,24 +198,25 @@ def quiet_progress() -> None:
 
 
 def training_datasets(
-    uri: str,
+    uri_or_manifest: str | Manifest,
     augment: str,
     seed: int,
     s3: S3Options | None = None,
     image_size: int | None = None,
     train_uint8: bool = False,
 ) -> tuple[Manifest, dict[str, ray.data.Dataset]]:
-    """Manifest + {"train", "val", "test"} datasets for a TorchTrainer. `image_size`
+    """Manifest + {"train", "val", "test"} datasets for a TorchTrainer, from the dataset's URI
+    or its manifest already read (and verified). `image_size`
     (data.image_size) is the side of the batches' images for "source" datasets.
     `train_uint8`: the training split as decoded uint8 images, which the workers augment on
     their own device (data.augment_on)."""
     quiet_progress()
-    manifest = read_manifest(uri, s3)
+    manifest = as_manifest(uri_or_manifest, s3)
     if manifest.train_row_order != TRAIN_ROW_ORDER:
         # The streaming shuffle mixes only ~1,000 neighbouring rows: class-ordered rows would
         # give whole epochs of one-class batches.
         raise DataError(
-            f"{uri}: the training rows of this dataset are stored class by class (prepared by an "
+            f"{manifest.uri}: the training rows of this dataset are stored class by class (prepared by an "
             f"earlier version), which Ray Data's local shuffle cannot mix; run "
             f"jobs/prepare_data.py again with the same arguments to rewrite them in "
             f"{TRAIN_ROW_ORDER} order (the Ray-free engine reads either)"

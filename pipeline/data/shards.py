@@ -27,7 +27,13 @@ import pyarrow.parquet as pq
 from pipeline.data import IntegrityError, SourceFormatError
 from pipeline.data.images import decode_images
 from pipeline.data.longtail import class_counts_of
-from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest, ShardInfo, read_manifest
+from pipeline.data.manifest import (
+    TRAIN_ROW_ORDER,
+    Manifest,
+    ShardInfo,
+    as_manifest,
+    read_manifest,
+)
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.raw import RawSplit
 from pipeline.data.storage import S3Options, display, join, read_bytes
@@ -35,12 +41,6 @@ from pipeline.data.storage import S3Options, display, join, read_bytes
 
 def _schema_text(schema: pa.Schema) -> str:
     return ", ".join(f"{f.name}: {f.type}{'' if f.nullable else ' not null'}" for f in schema)
-
-
-def _as_manifest(uri_or_manifest: str | Manifest, s3: S3Options | None) -> Manifest:
-    if isinstance(uri_or_manifest, Manifest):
-        return uri_or_manifest
-    return read_manifest(uri_or_manifest, s3)
 
 
 def read_shard(manifest: Manifest, shard: ShardInfo) -> pa.Table:
@@ -82,7 +82,7 @@ def verify_split(
     uri_or_manifest: str | Manifest, split: str, s3: S3Options | None = None
 ) -> Manifest:
     """Check every shard of a split (reads each once); use before handing paths to Ray Data."""
-    m = _as_manifest(uri_or_manifest, s3)
+    m = as_manifest(uri_or_manifest, s3)
     for shard in m.split_info(split).shards:
         read_shard(m, shard)
     return m
@@ -92,7 +92,7 @@ def read_split_table(
     uri_or_manifest: str | Manifest, split: str, s3: S3Options | None = None
 ) -> pa.Table:
     """All verified shards of a split as one Arrow table (images still PNG-encoded)."""
-    m = _as_manifest(uri_or_manifest, s3)
+    m = as_manifest(uri_or_manifest, s3)
     tables = [read_shard(m, s) for s in m.split_info(split).shards]
     return pa.concat_tables(tables) if tables else m.arrow_schema.empty_table()
 
@@ -102,7 +102,7 @@ def load_split(
 ) -> RawSplit:
     """A split decoded to uint8 pixels (RawSplit: images, labels, sample_ids, coarse_labels),
     every shard verified first; the label histogram must match the manifest's class_counts."""
-    m = _as_manifest(uri_or_manifest, s3)
+    m = as_manifest(uri_or_manifest, s3)
     info = m.split_info(split)
     table = read_split_table(m, split)
     labels = table.column("label").to_numpy().astype(np.int64)
@@ -133,7 +133,7 @@ def shard_files(
 ) -> tuple[pafs.FileSystem, list[str]]:
     """(pyarrow filesystem, shard paths) of a split, e.g. for `ray.data.read_parquet(paths,
     filesystem=fs)`; the shards are not read here (call `verify_split` to check them)."""
-    m = _as_manifest(uri_or_manifest, s3)
+    m = as_manifest(uri_or_manifest, s3)
     return m.filesystem, m.shard_paths(split)
 
 

@@ -117,6 +117,14 @@ def live_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
+def started_here() -> bool:
+    """Whether this process started its Ray instance (`ray.init()` with no cluster to join):
+    such an instance has one node and no autoscaler, so no node will ever join it."""
+    from ray._private import worker  # the public API does not tell who started the instance
+
+    return bool(getattr(getattr(worker, "_global_node", None), "head", False))
+
+
 def wait_for_capacity(
     cluster: ClusterConfig,
     use_gpu: bool,
@@ -125,13 +133,20 @@ def wait_for_capacity(
     poll_s: float = 2.0,
 ) -> None:
     """`check_capacity` on the live nodes, polled for up to `cluster.stall_timeout_s` while
-    it fails (nodes may join); `say` gets the shortfall once, when the wait begins."""
+    it fails (nodes may join); `say` gets the shortfall once, when the wait begins. No wait on
+    a Ray instance this process started: the error comes at once."""
+    local = started_here()
     deadline = time.monotonic() + cluster.stall_timeout_s
     while True:
         try:
             return check_capacity(Need.of(cluster, use_gpu), live_nodes(), when)
         except CapacityError as exc:
             waited = f"waited {cluster.stall_timeout_s:g} s for nodes to join"
+            if local:
+                raise CapacityError(
+                    f"{exc} (a Ray instance started by this job, on this machine only: "
+                    "connect to a cluster with RAY_ADDRESS for more)"
+                ) from None
             if time.monotonic() >= deadline:
                 raise CapacityError(f"{exc} ({waited}, cluster.stall_timeout_s)") from None
             if say is not None:

@@ -147,12 +147,13 @@ def open_tracked_run(
     extra_tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     eval_splits: tuple[str, ...] = ("val", "test"),
+    manifest: Manifest | None = None,
 ):
     """Datasets from the manifest, the run's MLflow run (created or resumed by run name; config,
     manifest and the splits read as dataset inputs logged) and the per-worker loop config:
-    (manifest, datasets, logger, loop_config)."""
+    (manifest, datasets, logger, loop_config). `manifest`: cfg.data.uri's, already read."""
     manifest, datasets = training_datasets(
-        cfg.data.uri,
+        manifest or cfg.data.uri,
         cfg.data.augment,
         cfg.train.seed,
         image_size=cfg.data.image_size,
@@ -213,7 +214,7 @@ def run_training_job(
         raise TrainingJobError(ENGINE_ONLY_GRAPHS)
     # The manifest's checksum, and its class counts against the labels in the shards: wrong
     # counts would train wrong class priors. Before Ray starts, as every input check.
-    verify_dataset(cfg.data.uri)
+    manifest = verify_dataset(cfg.data.uri)
     resume_command = (
         resume_command or f"python -m jobs.train --config <config> --run-name {run_name}"
     )
@@ -231,7 +232,9 @@ def run_training_job(
             )
         if not ray.is_initialized():
             ray.init(log_to_driver=True, **console.ray_init_kwargs())
-        manifest, datasets, logger, loop_config = open_tracked_run(cfg, run_name, uri)
+        manifest, datasets, logger, loop_config = open_tracked_run(
+            cfg, run_name, uri, manifest=manifest
+        )
         if lease.took_over:
             logger.log_tags({TAG_TOOK_OVER: run_lease.describe(lease.took_over)})
         guard = DriverGuard.start(uri, logger.run_id, run_name, resume_command)

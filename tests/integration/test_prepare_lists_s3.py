@@ -5,7 +5,6 @@ bad image publishes nothing."""
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from dataclasses import dataclass
 
@@ -22,24 +21,12 @@ from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 pytestmark = pytest.mark.integration
 
 
-def _drain(stream) -> None:
-    try:
-        for _ in stream:
-            pass
-    except (OSError, ValueError):  # closed by MotoServer.stop()
-        pass
-
-
 @pytest.fixture(scope="module")
 def own_moto():
-    """A moto server of this module's own, its request log drained. MotoServer pipes the
-    server's stderr (one line per request) and never reads it: after about 64 KiB, some 450
-    requests, the server blocks on the full pipe. These tests make a few hundred requests, so
-    they neither share the session's server nor leave its log unread."""
-    server = MotoServer().start()
-    threading.Thread(target=_drain, args=(server.proc.stderr,), daemon=True).start()
-    yield server
-    server.stop()
+    """A moto server of this module's own: these tests make a few hundred requests and leave
+    the session's server to the others."""
+    with MotoServer() as server:
+        yield server
 
 
 @dataclass

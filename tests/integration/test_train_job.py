@@ -152,13 +152,17 @@ def test_killed_worker_and_killed_driver_continue_one_run(ray_cluster, tiny_data
     _wait_for_registered_checkpoint(tmp_path / "runs", name, proc)
     _kill_a_train_worker(ray_cluster)
 
-    # The restarted worker group trains on: wait for an epoch logged after the kill and not
-    # checkpointed (an odd count), then kill the driver as the OOM killer would.
+    # Wait for the restarted worker group (its resume line) and an epoch logged after the kill
+    # and not checkpointed (an odd count), then kill the driver as the OOM killer would. The
+    # surviving worker of the old group may log one more epoch before it notices its peer is
+    # gone: without the resume line that epoch alone ended the wait, and the driver was killed
+    # before the restart it is meant to follow.
     killed_at = len(_logged_steps(uri, name))
     deadline = time.time() + 240
     while time.time() < deadline:
         steps = len(_logged_steps(uri, name))
-        if steps > killed_at and steps % 2 == 1:
+        restarted = "resumed from checkpoint at epoch" in log.read_text()
+        if restarted and steps > killed_at and steps % 2 == 1:
             break
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.1)
@@ -369,6 +373,29 @@ def test_data_that_contradicts_its_manifest_fails_before_ray_starts(tiny_dataset
         assert not list(ray_tmp.glob("**/session_*")), "a local Ray instance was started"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_local_ray_instance_too_small_fails_at_once(tiny_dataset, tmp_path):
+    """No RAY_ADDRESS: the job starts Ray on this machine, to which no node can join. A run
+    needing more CPUs than the machine has fails at once, not after cluster.stall_timeout_s
+    spent waiting for nodes (5 minutes on a 2-core laptop with a 2-worker preset)."""
+    import shutil
+
+    workers = (os.cpu_count() or 1) + 1
+    ray_tmp = Path(f"/tmp/rt-{os.getpid()}-{time.time_ns() % 10**6}")  # short: socket paths
+    big = {"cluster.num_workers": workers, "cluster.cpus_per_worker": 1}
+    cmd = _train_cmd(tmp_path, tiny_dataset, "too-big", **FAST, **big)
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [error] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert f"{workers} Train workers x 1 CPU" in error, error
+    assert "a Ray instance started by this job" in error and "waiting" not in proc.stderr, error
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path):

@@ -221,7 +221,7 @@ def test_version_description_states_recipe_data_and_scores(store, tmp_path):
         "config `smoke-desc`",  # recipe
         f"hash `{cfg.config_hash()}`",
         "arch `shike_resnet32`",
-        "loss stage 1 `shike` (CE 1, DKT 10, MD 1), stage 2 `balanced_softmax` from epoch 3",
+        "loss stage 1 `shike` (CE 1, DKT 10, MD 1), stage 2 `balanced_softmax` for the last 1 epoch",
         "4 epochs, seed 7",
         "`cifar10` (imbalance factor 10)",  # data
         f"at `{data.as_uri()}`, manifest hash `{tracking.manifest_hash(manifest)}`",

@@ -1,0 +1,33 @@
+"""What every benchmark starts with: the real CIFAR-10 copy and scratch folders that go away."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def cifar10_source() -> str:
+    """The CIFAR-10 Parquet folder ($CIFAR10_DIR), or exit saying how to name it."""
+    source = os.environ.get("CIFAR10_DIR")
+    if not source:
+        sys.exit("set CIFAR10_DIR to the CIFAR-10 Parquet folder (../shared/data/cifar10)")
+    return source
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh temporary folder, removed when the process exits (sys.exit included)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
+
+
+def ray_temp_dir(tag: str) -> Path:
+    """A Ray temp dir with a short path (Ray's socket paths are capped at 107 bytes), removed at
+    exit."""
+    path = Path(f"/tmp/{tag}{os.getpid() % 100000}")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
