@@ -18,7 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.common import cifar10_source, scratch_dir
+from bench.common import prepare_cifar10_lt, scratch_dir
 from bench.record import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,19 +31,15 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    source = cifar10_source()
 
     import ray
 
     from pipeline.config import load_config
-    from pipeline.data.shards import prepare_dataset
     from pipeline.distributed.tune import SchedulerSpec, SweepSpec, run_sweep
 
     work = scratch_dir("bench-asha-")
     data = str(work / "data")
-    manifest = prepare_dataset(
-        "cifar10", source, data, 100.0, n_max=args.head_images, val_per_class=20, test_per_class=20
-    )
+    manifest = prepare_cifar10_lt(data, args.head_images, 20)
     base = load_config(
         ROOT / "configs/smoke.yaml",
         [

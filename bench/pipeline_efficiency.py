@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import cifar10_source, ray_temp_dir, scratch_dir
+from bench.common import cifar10_source, prepare_cifar10_lt, ray_temp_dir, scratch_dir
 from bench.record import record
 from bench.train_step import images_per_s
 
@@ -48,12 +48,11 @@ def main() -> None:
     ap.add_argument("--head-images", type=int, default=500, help="head-class size (n_max)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    source = cifar10_source()
+    cifar10_source()  # before the S3 server starts
 
     import torch
     from mlflow.tracking import MlflowClient
 
-    from pipeline.data.shards import prepare_dataset
     from pipeline.data.storage import S3Options, create_bucket
     from tests.helpers.ray_cluster import ray_head
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
@@ -66,16 +65,7 @@ def main() -> None:
         s3 = S3Options(endpoint_url=server.endpoint_url)
         create_bucket("s3://bench", s3)
         uri = f"s3://bench/c10-lt-if100-n{args.head_images}"
-        manifest = prepare_dataset(
-            "cifar10",
-            source,
-            uri,
-            100.0,
-            n_max=args.head_images,
-            val_per_class=20,
-            test_per_class=20,
-            s3=s3,
-        )
+        manifest = prepare_cifar10_lt(uri, args.head_images, 20, s3=s3)
         train_images = manifest.splits["train"].num_rows
         ray_dir = ray_temp_dir("rb")
         with ray_head(ray_dir, num_cpus=4) as (_, dashboard, env):

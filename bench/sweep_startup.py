@@ -47,7 +47,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import cifar10_source, ray_temp_dir, scratch_dir
+from bench.common import prepare_cifar10_lt, ray_temp_dir, scratch_dir
 from bench.record import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,16 +237,11 @@ def main() -> None:
     ap.add_argument("--head-images", type=int, default=100, help="head-class size (n_max)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    source = cifar10_source()
-
-    from pipeline.data.shards import prepare_dataset
     from tests.helpers.ray_cluster import ray_head
 
     work = scratch_dir("bench-sweep-")
     data = str(work / "data")
-    manifest = prepare_dataset(
-        "cifar10", source, data, 100.0, n_max=args.head_images, val_per_class=10, test_per_class=10
-    )
+    manifest = prepare_cifar10_lt(data, args.head_images, 10)
     tracking_uri = f"sqlite:///{work}/mlflow.db"
     ray_dir = ray_temp_dir("rs")
     order = [v for r in range(args.rounds) for v in (args.variants[:: 1 if r % 2 == 0 else -1])]

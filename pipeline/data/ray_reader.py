@@ -216,8 +216,8 @@ def training_datasets(
         # The streaming shuffle mixes only ~1,000 neighbouring rows: class-ordered rows would
         # give whole epochs of one-class batches.
         raise DataError(
-            f"{manifest.uri}: the training rows of this dataset are stored class by class (prepared by an "
-            f"earlier version), which Ray Data's local shuffle cannot mix; run "
+            f"{manifest.uri}: the training rows of this dataset are stored class by class "
+            f"(prepared by an earlier version), which Ray Data's local shuffle cannot mix; run "
             f"jobs/prepare_data.py again with the same arguments to rewrite them in "
             f"{TRAIN_ROW_ORDER} order (the Ray-free engine reads either)"
         )

@@ -1,7 +1,6 @@
 """The Ray-free engine: stage switch, exact resume, evaluation, bad input."""
 
 import math
-import os
 import subprocess
 import sys
 import time
@@ -242,14 +241,11 @@ def test_evaluate_reports_lt_groups():
     assert session.model.training  # evaluation restores train mode
 
 
-@pytest.mark.skipif(
-    not os.environ.get("CIFAR10_DIR"), reason="needs CIFAR10_DIR (real CIFAR-10 Parquet)"
-)
-def test_smoke_recipe_runs_end_to_end_and_the_loss_falls():
+def test_smoke_recipe_runs_end_to_end_and_the_loss_falls(cifar10_dir):
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "pipeline.engine", "--config", "configs/smoke.yaml"),
-            *("--set", "data.augment_on=device"),
+            *("--set", "data.augment_on=device", "--set", f"data.source={cifar10_dir}"),
         ],
         capture_output=True,
         text=True,
