@@ -32,7 +32,7 @@ quickstart: install
 	@echo
 	@echo "MLflow UI:    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1  (then http://127.0.0.1:5000)"
 	@echo "Load model:   $(BIN)/python -c \"import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); m = mlflow.pyfunc.load_model('models:/shike-cifar10-lt-if100@candidate'); print(m.metadata.metadata)\""
-	@echo "Without Ray:  $(BIN)/python -m pipeline.engine --config configs/quickstart.yaml"
+	@echo "Without Ray:  $(BIN)/python -m pipeline.training.engine --config configs/quickstart.yaml"
 
 # Two lanes at once: tests/integration (one shared Ray cluster; a third of their time is spent
 # waiting on Ray), and beside them the unit and infra tests, whose report is printed after. The

@@ -5,7 +5,7 @@ device (data.augment_on), on one split, in one run; then whole training epochs e
 
 1. Augmentation alone, over the training split of `--config` (CIFAR-10-LT IF100 by default):
    the loader path in-process (0 workers: per-image transforms, per-image seeding, collation)
-   and the batched path (`pipeline.data.batch_augment`), both with one torch thread, so the
+   and the batched path (`pipeline.data.readers.batch_augment`), both with one torch thread, so the
    ratio is per CPU core; on a machine with CUDA, the batched path on the GPU too.
 2. Training epochs of `--train-config` (configs/smoke.yaml: ResNet-32 SHIKE, 1,236 images)
    with each setting of data.augment_on, on this machine's device and all its cores: what
@@ -25,11 +25,11 @@ import torch
 from bench.record import record
 from bench.reproduce import data_override
 from pipeline.config import load_config
-from pipeline.data.batch_augment import BatchAugment, augmented_batches, shuffled_batches
-from pipeline.data.torch_reader import load_longtailed, make_loader
-from pipeline.engine import in_memory_inputs
+from pipeline.data.readers.batch_augment import BatchAugment, augmented_batches, shuffled_batches
+from pipeline.data.readers.torch_reader import load_longtailed, make_loader
 from pipeline.seeding import epoch_seed
-from pipeline.session import TrainingSession, resolve_device
+from pipeline.training.engine import in_memory_inputs
+from pipeline.training.session import TrainingSession, resolve_device
 
 
 def _median_rate(one_pass, passes: int) -> float:

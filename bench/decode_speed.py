@@ -1,7 +1,7 @@
 """Decode + augment throughput at 224 px for the large benchmarks' input: images/s per CPU core
 of the Ray-free streaming loader and of the Ray Data path, reading source-JPEG shards, against
 torchvision's `ImageFolder` + `DataLoader` on the same JPEGs in a folder; plus the decoders
-alone (Pillow against torchvision.io), which chose pipeline/data/decode.py's decoder.
+alone (Pillow against torchvision.io), which chose pipeline/data/codec.py's decoder.
 
     python -m bench.decode_speed [--images 800] [--passes 3] [--no-record]
 
@@ -61,7 +61,7 @@ def decoder_rates(blobs: list[bytes], repeats: int) -> dict[str, float]:
     """Images/s of each decoder on one thread (best of `repeats` passes over `blobs`)."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    from pipeline.data.decode import decode_rgb
+    from pipeline.data.codec import decode_rgb
 
     def pillow(blob: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(blob)) as image:
@@ -76,7 +76,7 @@ def decoder_rates(blobs: list[bytes], repeats: int) -> dict[str, float]:
         "torchvision.io.decode_image(mode=RGB)": lambda b: decode_image(
             tensor(b), ImageReadMode.RGB
         ),
-        "pipeline.data.decode.decode_rgb (what the readers call)": decode_rgb,
+        "pipeline.data.codec.decode_rgb (what the readers call)": decode_rgb,
     }
     rates = {name: 0.0 for name in decoders}
     torch.set_num_threads(1)
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    # torchvision.io warns on every decode that 0.29 deprecated it (pipeline/data/decode.py)
+    # torchvision.io warns on every decode that 0.29 deprecated it (pipeline/data/codec.py)
     warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # loader workers
 
@@ -120,9 +120,9 @@ def main() -> None:
 
     from pipeline.config import load_config
     from pipeline.data.manifest import read_manifest
-    from pipeline.data.ray_reader import quiet_progress, split_dataset
-    from pipeline.data.stream_reader import make_stream_loader
-    from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.data.readers.ray_reader import quiet_progress, split_dataset
+    from pipeline.data.readers.stream_reader import make_stream_loader
+    from pipeline.data.readers.transforms import IMAGENET_MEAN, IMAGENET_STD
     from tests.helpers.jpeg_shards import write_source_dataset
 
     cores = os.cpu_count() or 1

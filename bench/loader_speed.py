@@ -19,7 +19,7 @@ import time
 from bench.record import record
 from bench.reproduce import data_override
 from pipeline.config import load_config
-from pipeline.data.torch_reader import load_longtailed, make_loader
+from pipeline.data.readers.torch_reader import load_longtailed, make_loader
 
 
 def loader_images_per_s(split, cfg_data, workers: int, epochs: int, batch: int) -> float:

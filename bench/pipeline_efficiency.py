@@ -53,7 +53,7 @@ def main() -> None:
     import torch
     from mlflow.tracking import MlflowClient
 
-    from pipeline.data.storage import S3Options, create_bucket
+    from pipeline.storage import S3Options, create_bucket
     from tests.helpers.ray_cluster import ray_head
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 

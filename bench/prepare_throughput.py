@@ -1,4 +1,4 @@
-"""Prepare throughput of the large benchmarks (pipeline/data/prepare_lists.py): MB/s of source
+"""Prepare throughput of the large benchmarks (pipeline/data/prepare/from_lists.py): MB/s of source
 JPEG bytes turned into published shards, to a local folder and to S3 on loopback (moto).
 
     python -m bench.prepare_throughput [--images 2000] [--repeats 3] [--workers 1 2] [--no-record]
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench.common import scratch_dir
 from bench.record import record
-from pipeline.data.prepare_lists import prepare_benchmark
-from pipeline.data.storage import S3Options, create_bucket, resolve
+from pipeline.data.prepare.from_lists import prepare_benchmark
+from pipeline.storage import S3Options, create_bucket, resolve
 from tests.helpers.lt_datasets import train_counts, write_imagenet_lt
 
 CLASSES = 20

@@ -82,7 +82,7 @@ def run_dir(args: argparse.Namespace, variant: str, seed: int) -> Path | None:
 def refuse_other_recipes(args: argparse.Namespace) -> None:
     """Exit if a run's folder under `--checkpoints` was trained under another recipe: its saved
     result would be reported, or its checkpoint resumed, as this configuration's."""
-    from pipeline.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+    from pipeline.training.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 
     for seed in args.seeds:
         for variant in args.variants:
@@ -97,7 +97,7 @@ def refuse_other_recipes(args: argparse.Namespace) -> None:
 
 def train_one(args: argparse.Namespace) -> None:
     """Child process: train one (variant, seed) and write its result as JSON."""
-    from pipeline.engine import run
+    from pipeline.training.engine import run
 
     variant, seed = args.one[0], int(args.one[1])
     cfg = run_config(args, variant, seed)

@@ -19,7 +19,7 @@ import torch
 
 from bench.record import record
 from pipeline.config import load_config
-from pipeline.session import TrainingSession
+from pipeline.training.session import TrainingSession
 
 MODELS = {
     "SHIKE ResNet-32, 3 experts (CE+DKT+MD)": [],

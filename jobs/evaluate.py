@@ -51,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     console.setup_console(args.verbose)
 
     from pipeline.data import DataError
-    from pipeline.evaluation import evaluate_model, log_evaluation_run
-    from pipeline.mlflow_store import TrackingError, resolve_tracking_uri
-    from pipeline.model_versions import RegistryError
-    from pipeline.reports import format_table, per_class_csv
-    from pipeline.scoring import EvaluationError
+    from pipeline.evaluation.evaluate import evaluate_model, log_evaluation_run
+    from pipeline.evaluation.reports import format_table, per_class_csv
+    from pipeline.evaluation.scoring import EvaluationError
+    from pipeline.storage import StorageError
+    from pipeline.tracking.store import TrackingError, resolve_tracking_uri
+    from pipeline.tracking.versions import RegistryError
 
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_log:
             run_id = log_evaluation_run(report, uri)
             print(f"MLflow run: {run_id}")
-    except (DataError, EvaluationError, RegistryError, TrackingError) as exc:
+    except (DataError, StorageError, EvaluationError, RegistryError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -6,9 +6,9 @@
         --output s3://datasets/imagenet-lt [--shard-mb 256] [--max-side N] [--workers N]
 
 CIFAR-style datasets (cifar10, cifar100, imagefolder) are decoded, cut to a long tail and
-re-encoded (pipeline.data.prepare, `prepare_dataset`). The large benchmarks (imagenet_lt,
+re-encoded (pipeline.data.prepare.from_raw, `prepare_dataset`). The large benchmarks (imagenet_lt,
 inat2018, places_lt) bring their own long-tailed lists in --source, and their shards keep each
-image's own bytes (pipeline.data.prepare_lists, `prepare_benchmark`); the options of one kind
+image's own bytes (pipeline.data.prepare.from_lists, `prepare_benchmark`); the options of one kind
 given with the other kind are refused. Also runs as `python jobs/prepare_data.py ...` (the
 package is installed); this file only parses arguments. Exit status: 0 on success, 1 with one
 `error: ...` line on stderr for data/storage problems, 2 for bad arguments.
@@ -25,7 +25,7 @@ from jobs._options import non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from pipeline.data.manifest import Manifest
-    from pipeline.data.storage import S3Options
+    from pipeline.storage import S3Options
 
 CIFAR_STYLE = ("cifar10", "cifar100", "imagefolder")
 LARGE_BENCHMARKS = ("imagenet_lt", "inat2018", "places_lt")
@@ -196,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _prepare(args: argparse.Namespace, s3: S3Options, log: Callable[[str], None]) -> Manifest:
     """The prepare function of the dataset's kind, called with the arguments that apply."""
     if args.dataset in LARGE_BENCHMARKS:
-        from pipeline.data.prepare_lists import (
+        from pipeline.data.prepare.from_lists import (
             DEFAULT_SHARD_MB,
             DEFAULT_WORKERS,
             prepare_benchmark,
@@ -212,7 +212,7 @@ def _prepare(args: argparse.Namespace, s3: S3Options, log: Callable[[str], None]
             s3=s3,
             log=log,
         )
-    from pipeline.data.prepare import prepare_dataset
+    from pipeline.data.prepare.from_raw import prepare_dataset
 
     return prepare_dataset(
         args.dataset,
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help and argument errors answer without loading the
     # data stack (pyarrow, Pillow, numpy).
     from pipeline.data import DataError
-    from pipeline.data.storage import S3Options, scrub
+    from pipeline.storage import S3Options, StorageError, scrub
 
     def log(line: str) -> None:
         if not args.quiet:
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         m = _prepare(args, s3, log)
-    except DataError as exc:
+    except (DataError, StorageError) as exc:
         print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. permission denied on a local output folder

@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     from pipeline.data import DataError
-    from pipeline.mlflow_store import TrackingError, resolve_tracking_uri
-    from pipeline.model_versions import RegistryError
-    from pipeline.promotion import format_decision, promote, split_warning
-    from pipeline.scoring import EvaluationError
+    from pipeline.evaluation.promotion import format_decision, promote, split_warning
+    from pipeline.evaluation.scoring import EvaluationError
+    from pipeline.storage import StorageError
+    from pipeline.tracking.store import TrackingError, resolve_tracking_uri
+    from pipeline.tracking.versions import RegistryError
 
     warning = split_warning(args.split)
     if warning:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 log=lambda msg: print(msg, file=sys.stderr),
             )
-    except (DataError, EvaluationError, RegistryError, TrackingError) as exc:
+    except (DataError, StorageError, EvaluationError, RegistryError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_decision(decision))

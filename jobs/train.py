@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     console.setup_console(args.verbose)
     from pipeline.data import DataError
     from pipeline.distributed.train import TrainingJobError, run_training_job
-    from pipeline.tracking import TrackingError, resolve_tracking_uri
+    from pipeline.storage import StorageError
+    from pipeline.tracking.runs import TrackingError, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     console.say(
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             register=False if args.no_register else None,
             resume_command=resume_command(argv, args.run_name or cfg.name),
         )
-    except (DataError, TrackingError, TrainingJobError) as exc:
+    except (DataError, StorageError, TrackingError, TrainingJobError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     metrics = outcome.metrics
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key:<16} {100 * metrics[key]:.2f}%")
     print(f"  checkpoint       {outcome.checkpoint_path}")
     if outcome.model_version:
-        from pipeline.registry import model_name_for
+        from pipeline.tracking.registry import model_name_for
 
         print(
             f"  model            models:/{model_name_for(cfg)}@candidate (version {outcome.model_version})"

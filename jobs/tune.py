@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     console.setup_console(args.verbose)
     from pipeline.data import DataError
     from pipeline.distributed.tune import SweepInterrupted, run_sweep
-    from pipeline.tracking import TrackingError, resolve_tracking_uri
+    from pipeline.storage import StorageError
+    from pipeline.tracking.runs import TrackingError, resolve_tracking_uri
 
     uri = resolve_tracking_uri(base.tracking.tracking_uri)
     console.say(
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except SweepInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
-    except (SweepError, DataError, TrackingError) as exc:
+    except (SweepError, DataError, StorageError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     metric = spec.metric

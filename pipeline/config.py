@@ -57,7 +57,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-# The augmentation presets for images kept at their own size (pipeline.data.transforms).
+# The augmentation presets for images kept at their own size (pipeline.data.readers.transforms).
 CIFAR_AUGMENTS = ("shike", "basic", "none")
 
 
@@ -91,7 +91,7 @@ class DataConfig(_Section):
     loader_workers: int = Field(2, ge=0)
     # Where the training split is augmented: "loader" (per image, in loader workers or Ray Data
     # tasks), "device" (whole uint8 batches on the training device, CIFAR presets only:
-    # pipeline.data.batch_augment), "auto": "device" for the CIFAR presets (faster per core
+    # pipeline.data.readers.batch_augment), "auto": "device" for the CIFAR presets (faster per core
     # on CPU, and on a GPU it frees the few CPUs a GPU has; BENCHMARKS.md), else "loader".
     augment_on: Literal["auto", "loader", "device"] = "auto"
 
@@ -107,7 +107,7 @@ class DataConfig(_Section):
     @property
     def augments_on_device(self) -> bool:
         """Whether the training split reaches the training step as uint8 batches that the
-        step's own device augments (pipeline.data.batch_augment)."""
+        step's own device augments (pipeline.data.readers.batch_augment)."""
         return self.augment_on != "loader" and self.augment in CIFAR_AUGMENTS
 
 

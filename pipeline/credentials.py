@@ -1,8 +1,8 @@
 """What counts as a credential: the environment variables that hold one, key names that look
 like one, and passwords inside URIs.
 
-Standard library only, so the data layer (`data/storage.py` scrubs error messages) and the
-MLflow layer (`mlflow_store.py` refuses to log secrets) share one definition.
+Standard library only, so storage (`pipeline/storage.py` scrubs error messages) and the
+MLflow layer (`pipeline/tracking/store.py` refuses to log secrets) share one definition.
 """
 
 from __future__ import annotations

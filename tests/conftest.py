@@ -32,7 +32,7 @@ def cifar10_dir() -> Path:
 @pytest.fixture(scope="session")
 def cifar10_raw(cifar10_dir):
     """Real CIFAR-10 decoded once per session (about 3-5 s): a RawDataset."""
-    from pipeline.data.sources import load_raw_dataset
+    from pipeline.data.sources.load import load_raw_dataset
 
     return load_raw_dataset("cifar10", str(cifar10_dir))
 
@@ -48,7 +48,7 @@ def cifar100_archive(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cifar100_raw(cifar100_archive):
-    from pipeline.data.sources import load_raw_dataset
+    from pipeline.data.sources.load import load_raw_dataset
 
     return load_raw_dataset("cifar100", str(cifar100_archive.path))
 
@@ -79,7 +79,7 @@ def moto_auth_server():
 class S3Env:
     endpoint_url: str
     bucket: str
-    options: object  # pipeline.data.storage.S3Options for this endpoint
+    options: object  # pipeline.storage.S3Options for this endpoint
 
     def uri(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *[p.strip("/") for p in parts]])
@@ -88,7 +88,7 @@ class S3Env:
 @pytest.fixture
 def s3_env(moto_server, monkeypatch, tmp_path):
     """Fake credentials in the environment (no user AWS config is read) and a fresh bucket."""
-    from pipeline.data.storage import S3Options, create_bucket
+    from pipeline.storage import S3Options, create_bucket
     from tests.helpers.s3_server import FAKE_CREDENTIALS
 
     for key in [k for k in os.environ if k.startswith("AWS_")]:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from pipeline.data import IntegrityError
 from pipeline.data.longtail import lt_groups
 from pipeline.data.manifest import Manifest, ShardInfo, as_manifest
-from pipeline.data.storage import S3Options, display, join, storage_error
+from pipeline.storage import S3Options, display, join, storage_error
 
 _REPREPARE = "re-run jobs.prepare_data to publish the dataset again"
 

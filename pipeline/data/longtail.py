@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from pipeline.data.sources import RawDataset, RawSplit
+    from pipeline.data.sources.raw import RawDataset, RawSplit
 
 SELECTION_RULES = ("first", "shuffle")
 

@@ -34,7 +34,7 @@ from pydantic import (
 
 from pipeline.data import DataError, IntegrityError
 from pipeline.data.longtail import FEW_MAX_EXCLUSIVE, MANY_MIN_EXCLUSIVE
-from pipeline.data.storage import S3Options, display, join, read_bytes, resolve
+from pipeline.storage import S3Options, display, join, read_bytes, resolve
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -11,7 +11,7 @@ Each shard is checked against the manifest (exists, byte size, sha256, Parquet s
 count) before use; any mismatch is an IntegrityError naming the file. For Ray Data,
 `shard_files` gives the pyarrow filesystem and paths (`verify_split` first).
 
-The manifest model lives in `pipeline.data.manifest` and the writer in `pipeline.data.prepare`;
+The manifest model lives in `pipeline.data.manifest` and the writer in `pipeline.data.prepare.from_raw`;
 the names other modules import from here are re-exported below.
 """
 
@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.data import IntegrityError, SourceFormatError
-from pipeline.data.images import decode_images
+from pipeline.data.codec import decode_images
 from pipeline.data.longtail import class_counts_of
 from pipeline.data.manifest import (
     TRAIN_ROW_ORDER,
@@ -34,9 +34,9 @@ from pipeline.data.manifest import (
     as_manifest,
     read_manifest,
 )
-from pipeline.data.prepare import prepare_dataset
-from pipeline.data.raw import RawSplit
-from pipeline.data.storage import S3Options, display, join, read_bytes
+from pipeline.data.prepare.from_raw import prepare_dataset
+from pipeline.data.sources.raw import RawSplit
+from pipeline.storage import S3Options, display, join, read_bytes
 
 
 def _schema_text(schema: pa.Schema) -> str:

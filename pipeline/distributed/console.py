@@ -17,13 +17,13 @@ levels. Where the chatter comes from, and the setting that quiets each source:
   dataset run at INFO on `ray.data`, in whichever process runs it (the driver, the split
   coordinator, the train workers). It sets that logger's level from `RAY_DATA_LOG_LEVEL` each
   time it configures logging; Ray workers get it through the job's runtime_env (`ray_init_kwargs`).
-  The progress bars are off (`pipeline.data.ray_reader.quiet_progress`); Ray Data's one-time
+  The progress bars are off (`pipeline.data.readers.ray_reader.quiet_progress`); Ray Data's one-time
   warning that they are off is consumed in each process (`quiet_ray_worker`).
 * Ray core logs "Started a local Ray instance ..." at INFO on `ray` in the driver
   (`ray.init(logging_level=...)`).
 * MLflow logs at INFO on `mlflow` (`MLFLOW_LOGGING_LEVEL`), draws a progress bar for artifact
   downloads (`MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`), and warns on each model logged in the
-  pickle format, which `pipeline.registry` chose on purpose (its SERIALIZATION_FORMAT note).
+  pickle format, which `pipeline.tracking.registry` chose on purpose (its SERIALIZATION_FORMAT note).
 
 Ray's notice that a local instance it starts has token authentication on (it stays on) is
 dropped. Ray Tune's trial tables show with --verbose only (`tune.RunConfig(verbose=0)` in

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from pipeline.config import Config
-from pipeline.data.storage import is_s3, resolve
+from pipeline.storage import is_s3, resolve
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 

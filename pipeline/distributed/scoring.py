@@ -1,8 +1,8 @@
 """Evaluation batches scored by Ray Data actors that each hold the classifier: the
-`workers > 1` path of `pipeline.evaluation.count_split_predictions`.
+`workers > 1` path of `pipeline.evaluation.evaluate.count_split_predictions`.
 
 One Ray Data row per evaluation batch, so Ray's block and batch cuts never re-cut a batch; each
-actor runs the Ray-free `pipeline.scoring.score_batch`, and the caller sums the per-batch
+actor runs the Ray-free `pipeline.evaluation.scoring.score_batch`, and the caller sums the per-batch
 counts in batch order (`scoring.sum_batch_counts`), exactly as the in-process path does."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.scoring import EvaluationError, count_vector_size, score_batch
+from pipeline.evaluation.scoring import EvaluationError, count_vector_size, score_batch
 
 if TYPE_CHECKING:
     from torch import nn

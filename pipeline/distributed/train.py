@@ -26,20 +26,20 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from pipeline import registry, run_lease, tracking
-from pipeline.checkpoint import load_checkpoint
 from pipeline.config import Config
 from pipeline.data.integrity import verify_dataset
-from pipeline.data.ray_reader import training_datasets
+from pipeline.data.readers.ray_reader import training_datasets
+from pipeline.data.readers.transforms import normalization
 from pipeline.data.shards import Manifest
-from pipeline.data.storage import is_s3, resolve
-from pipeline.data.transforms import normalization
-from pipeline.distributed import console, run_storage
+from pipeline.distributed import console, run_lease, run_storage
 from pipeline.distributed.capacity import CapacityError, wait_for_capacity
 from pipeline.distributed.worker import train_loop_per_worker
-from pipeline.driver_guard import DriverGuard
 from pipeline.models import build_model
-from pipeline.session import NonFiniteLossError
+from pipeline.storage import is_s3, resolve
+from pipeline.tracking import registry, runs
+from pipeline.tracking.driver_guard import DriverGuard
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.session import NonFiniteLossError
 
 
 class TrainingJobError(RuntimeError):
@@ -162,13 +162,13 @@ def open_tracked_run(
     for split in set(datasets) - {"train", *eval_splits}:
         del datasets[split]
     tags = {
-        **tracking.standard_tags(cfg, manifest_hash=tracking.manifest_hash(manifest)),
+        **runs.standard_tags(cfg, manifest_hash=runs.manifest_hash(manifest)),
         **(extra_tags or {}),
     }
-    run_id = tracking.start_or_resume_run(
+    run_id = runs.start_or_resume_run(
         uri, cfg.tracking.experiment, run_name, tags, parent_run_id=parent_run_id
     )
-    logger = tracking.RunLogger(uri, run_id)
+    logger = runs.RunLogger(uri, run_id)
     logger.log_config(cfg)
     logger.log_manifest(manifest.to_dict())
     # The splits this run reads, as MLflow dataset inputs (a resumed run logs none twice).
@@ -184,9 +184,7 @@ def open_tracked_run(
     return manifest, datasets, logger, loop_config
 
 
-ENGINE_ONLY_GRAPHS = (
-    "train.cuda_graphs is supported by the Ray-free engine only (python -m pipeline.engine)"
-)
+ENGINE_ONLY_GRAPHS = "train.cuda_graphs is supported by the Ray-free engine only (python -m pipeline.training.engine)"
 
 
 def run_training_job(
@@ -201,7 +199,7 @@ def run_training_job(
 
     Relaunching with the same run name resumes from the latest checkpoint in
     cluster.storage_path (Ray Train V2) and continues the same MLflow run; a second launch
-    while one runs is refused (`pipeline.run_lease`). `resume_command` is what error messages
+    while one runs is refused (`pipeline.distributed.run_lease`). `resume_command` is what error messages
     tell the operator to run to resume (default: a `python -m jobs.train` line for the run).
     """
     run_name = run_name or cfg.name
@@ -218,8 +216,8 @@ def run_training_job(
     resume_command = (
         resume_command or f"python -m jobs.train --config <config> --run-name {run_name}"
     )
-    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    tracking.check_tracking_server(uri)  # before any worker starts
+    uri = runs.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    runs.check_tracking_server(uri)  # before any worker starts
     try:
         lease = run_lease.acquire(cfg.cluster.storage_path, run_name, command=resume_command)
     except run_lease.LeaseHeldError as exc:
@@ -255,7 +253,7 @@ def _train_and_register(
     run_name: str,
     manifest: Manifest,
     datasets: dict,
-    logger: tracking.RunLogger,
+    logger: runs.RunLogger,
     loop_config: dict[str, Any],
     register: bool | None,
     resume_command: str,
@@ -339,7 +337,7 @@ def register_trained_model(
         tracking_uri=tracking_uri,
         dataset=manifest.dataset,
         description=registry.version_description(
-            cfg, manifest, metrics, run_name=tracking.run_name_of(tracking_uri, run_id)
+            cfg, manifest, metrics, run_name=runs.run_name_of(tracking_uri, run_id)
         ),
     )
     return str(version.version)

@@ -244,9 +244,9 @@ def run_sweep(
     spec: SweepSpec, base: Config, name: str | None = None, register: bool = True
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the summary with the best trial and its model version.
-    One launch per sweep name at a time (`pipeline.run_lease`, as for training runs)."""
-    from pipeline import run_lease
+    One launch per sweep name at a time (`pipeline.distributed.run_lease`, as for training runs)."""
     from pipeline.data.integrity import verify_dataset
+    from pipeline.distributed import run_lease
     from pipeline.distributed.train import ENGINE_ONLY_GRAPHS
 
     name = name or spec.name
@@ -270,20 +270,20 @@ def _sweep(spec: SweepSpec, base: Config, name: str, register: bool) -> dict[str
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipeline import tracking
     from pipeline.data.shards import read_manifest
     from pipeline.distributed import console
     from pipeline.distributed.train import register_trained_model, storage_location
+    from pipeline.tracking import runs
 
-    uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
-    tracking.check_tracking_server(uri)
+    uri = runs.resolve_tracking_uri(base.tracking.tracking_uri)
+    runs.check_tracking_server(uri)
     if not ray.is_initialized():
         ray.init(**console.ray_init_kwargs())
     check_state_api()
-    parent_id = tracking.start_or_resume_run(
+    parent_id = runs.start_or_resume_run(
         uri, base.tracking.experiment, name, {"shike.sweep": name, "shike.kind": "sweep"}
     )
-    parent = tracking.RunLogger(uri, parent_id)
+    parent = runs.RunLogger(uri, parent_id)
     parent.client.log_text(
         parent_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep.yaml"
     )
@@ -393,7 +393,7 @@ def _sweep(spec: SweepSpec, base: Config, name: str, register: bool) -> dict[str
 
     if register and best["checkpoint_path"]:
         cfg = trial_config(base.to_dict(), {k: best[k] for k in spec.space})
-        trial_run = tracking.find_runs(uri, cfg.tracking.experiment, f"{name}-{best['trial_id']}")
+        trial_run = runs.find_runs(uri, cfg.tracking.experiment, f"{name}-{best['trial_id']}")
         summary["model_version"] = register_trained_model(
             ray.train.Checkpoint(best["checkpoint_path"], filesystem=storage_fs),
             cfg,
@@ -408,17 +408,17 @@ def _sweep(spec: SweepSpec, base: Config, name: str, register: bool) -> dict[str
 
 def _close_children(uri: str, experiment: str, sweep: str, rows: list[dict], epochs: int) -> None:
     """Trials stopped by ASHA never reach `finish`: mark their child runs KILLED."""
-    from pipeline import tracking
+    from pipeline.tracking import runs
 
     for row in rows:
-        for run in tracking.find_runs(uri, experiment, f"{sweep}-{row['trial_id']}"):
+        for run in runs.find_runs(uri, experiment, f"{sweep}-{row['trial_id']}"):
             if run.info.status == "RUNNING":
                 status = (
                     "FAILED"
                     if row["error"]
                     else ("KILLED" if row["epochs_run"] < epochs else "FINISHED")
                 )
-                tracking.RunLogger(uri, run.info.run_id).finish(status)
+                runs.RunLogger(uri, run.info.run_id).finish(status)
 
 
 def _rank_value(value: Any) -> float:

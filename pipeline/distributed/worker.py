@@ -1,4 +1,4 @@
-"""The Ray Train worker: a thin driver of `pipeline.fit` (DESIGN.md, "One loop, two drivers").
+"""The Ray Train worker: a thin driver of `pipeline.training.fit` (DESIGN.md, "One loop, two drivers").
 
 Each worker runs the Ray-free `TrainingSession` on its Ray Data shard with the model under DDP
 (gloo on CPU, NCCL on GPU); with `data.augment_on` on the device, the shard's batches arrive
@@ -23,14 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline import mlflow_lineage, tracking
 from pipeline.config import Config
-from pipeline.data.batch_augment import BatchAugment, augmented_batches
-from pipeline.data.ray_reader import quiet_progress
+from pipeline.data.readers.batch_augment import BatchAugment, augmented_batches
+from pipeline.data.readers.ray_reader import quiet_progress
 from pipeline.distributed.capacity import cluster_summary, guard_stalls, wait_for_capacity
-from pipeline.fit import EpochEnd, fit
 from pipeline.seeding import epoch_seed
-from pipeline.session import TrainingSession
+from pipeline.tracking import lineage, runs
+from pipeline.training.fit import EpochEnd, fit
+from pipeline.training.session import TrainingSession
 
 # The worker loop logs instead of printing: Ray Train V2 routes a worker's print() both to its
 # logger and, because Ray wraps the worker's stdout, to that stdout too, so every line reached
@@ -169,9 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if lead:
             log.info("[shike] resumed from checkpoint at epoch %d", session.epoch)
 
-    logger = (
-        tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if lead else None
-    )
+    logger = runs.RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if lead else None
     # Steps the MLflow run already holds: epochs logged before a worker group died or a driver
     # was stopped, after the checkpoint this group resumed from. Replaying them logs nothing, so
     # the history keeps one value per step (the first run's: a one-worker resume replays them
@@ -243,9 +241,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return EvalBatches.of_split(name) if lead and name in eval_splits else None
 
     # The lead worker's machine: CPU, memory, disk, network (and GPUs) as `system/...` metrics.
-    with mlflow_lineage.system_metrics(
-        loop_config["tracking_uri"], loop_config["run_id"], enabled=lead
-    ):
+    with lineage.system_metrics(loop_config["tracking_uri"], loop_config["run_id"], enabled=lead):
         fit(
             session,
             epoch_batches,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 # ======================================================================================
-# MLflow tracking server over HTTP (pipeline/tracking.py, pipeline/registry.py)
+# MLflow tracking server over HTTP (pipeline/tracking/runs.py, pipeline/tracking/registry.py)
 # ======================================================================================
 
 

@@ -11,13 +11,13 @@ import torch
 from pipeline.config import load_config
 from pipeline.data import DataError
 from pipeline.data.manifest import read_manifest
-from pipeline.data.stream_reader import make_stream_loader
+from pipeline.data.readers.stream_reader import make_stream_loader
 from pipeline.seeding import epoch_seed
 from tests.helpers.jpeg_shards import write_source_dataset
 
 pytestmark = [
     pytest.mark.integration,
-    # torchvision.io's decoders warn on every call that 0.29 deprecated them (pipeline.data.decode)
+    # torchvision.io's decoders warn on every call that 0.29 deprecated them (pipeline.data.codec)
     pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
 ]
 
@@ -25,7 +25,7 @@ SIZE = 24
 
 
 def test_source_images_reach_the_trainer_as_fixed_size_batches(ray_cluster, tmp_path):
-    from pipeline.data.ray_reader import training_datasets
+    from pipeline.data.readers.ray_reader import training_datasets
 
     splits = {"train": [9, 5, 3, 1], "val": [1, 1, 1, 1], "test": [2, 2, 2, 2]}
     uri, _ = write_source_dataset(tmp_path, splits, rows_per_shard=5)
@@ -45,7 +45,7 @@ def test_ray_data_augments_each_image_as_the_ray_free_reader_does(ray_cluster, t
     """One image per class, so a label names its image: the first execution (epoch 0) of the
     Ray dataset and the streaming loader at epoch_seed(seed, 0) give every image the same
     pixels, batches and task boundaries notwithstanding."""
-    from pipeline.data.ray_reader import split_dataset
+    from pipeline.data.readers.ray_reader import split_dataset
 
     uri, _ = write_source_dataset(tmp_path, {"train": [1] * 16}, rows_per_shard=3)
     manifest = read_manifest(uri)
@@ -70,7 +70,7 @@ def test_ray_data_augments_each_image_as_the_ray_free_reader_does(ray_cluster, t
 
 
 def test_source_datasets_need_an_image_size_and_a_resizing_preset(tmp_path):
-    from pipeline.data.ray_reader import split_dataset
+    from pipeline.data.readers.ray_reader import split_dataset
 
     uri, _ = write_source_dataset(tmp_path, {"train": [2, 1]}, rows_per_shard=3)
     manifest = read_manifest(uri)

@@ -1,4 +1,4 @@
-"""pipeline.evaluation's Ray Data path (workers > 1, pipeline/distributed/scoring.py) on the
+"""pipeline.evaluation.evaluate's Ray Data path (workers > 1, pipeline/distributed/scoring.py) on the
 session's real Ray head node.
 
 The batches run on a pool of two Ray Data actors (1 CPU each); the counts must be identical,
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.data.readers.transforms import CIFAR_MEAN, CIFAR_STD
 from pipeline.data.shards import prepare_dataset
-from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
 from pipeline.models import build_model
 from tests.helpers.cifar_archives import write_parquet_folder
 
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 mlflow = pytest.importorskip("mlflow")
 
-from pipeline import evaluation, registry, tracking  # noqa: E402
+from pipeline.evaluation import evaluate  # noqa: E402
+from pipeline.tracking import registry, runs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def registered(tmp_path_factory):
         torch.manual_seed(3)
         net = build_model(ModelConfig(), 10)
         net.set_stage(2)
-        run_id = tracking.start_or_resume_run(store, "shike-train", "train-ray-eval")
+        run_id = runs.start_or_resume_run(store, "shike-train", "train-ray-eval")
         registry.log_and_register(
             run_id, net.eval(), manifest.class_names, "shike-ray-eval", mean=CIFAR_MEAN,
             std=CIFAR_STD, tracking_uri=store,
@@ -51,8 +52,8 @@ def registered(tmp_path_factory):
 def test_ray_data_workers_equal_in_process(ray_cluster, registered):
     data_uri, store = registered
     model = "models:/shike-ray-eval@candidate"
-    local = evaluation.evaluate_model(model, data_uri, "val", tracking_uri=store, batch_size=8)
-    remote = evaluation.evaluate_model(
+    local = evaluate.evaluate_model(model, data_uri, "val", tracking_uri=store, batch_size=8)
+    remote = evaluate.evaluate_model(
         model, data_uri, "val", tracking_uri=store, batch_size=8, workers=2
     )
     assert local.results["num_samples"] == remote.results["num_samples"] > 8

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.data.shards import read_manifest
-from pipeline.mlflow_store import mlflow_uris
+from pipeline.tracking.store import mlflow_uris
 from tests.helpers.lt_datasets import write_imagenet_lt
 from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S
 
@@ -69,7 +69,7 @@ def test_prepare_keeps_the_source_bytes_and_the_list_files_counts(imagenet_lt):
 
 def test_smoke_preset_trains_with_the_ray_free_engine(imagenet_lt):
     _, shards = imagenet_lt
-    proc = _run(["pipeline.engine", "--config", SMOKE, "--set", f"data.uri={shards}"])
+    proc = _run(["pipeline.training.engine", "--config", SMOKE, "--set", f"data.uri={shards}"])
     epochs = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch")]
     assert [ln.split()[1] for ln in epochs] == ["1/2", "2/2"], proc.stdout
     assert "stage 2" in epochs[1]
@@ -109,7 +109,7 @@ def test_smoke_preset_trains_on_two_ray_workers_and_the_model_evaluates(
 
     # The registered model, fed the evaluation crop of each image, scores the val split as the
     # run's own val pass did (Ray Data's eval transform): the same preprocessing end to end.
-    from pipeline.evaluation import evaluate_model
+    from pipeline.evaluation.evaluate import evaluate_model
 
     run = MlflowClient(uri).get_run(mv.run_id)
     report = evaluate_model(f"models:/shike-imagenet-lt-resnet18/{mv.version}", str(shards), "val",

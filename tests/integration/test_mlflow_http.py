@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, build_config
-from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
-from pipeline.metrics import EvalCounts
+from pipeline.data.readers.transforms import CIFAR_MEAN, CIFAR_STD
+from pipeline.evaluation.metrics import EvalCounts
 from pipeline.models import ImageClassifier, build_model
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipeline import model_versions, registry, tracking  # noqa: E402
-from pipeline.model_versions import RegistryError  # noqa: E402
+from pipeline.tracking import registry, runs, versions  # noqa: E402
+from pipeline.tracking.versions import RegistryError  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +41,13 @@ def _client_env(tmp_path_factory):
 
 def test_run_and_model_over_http_land_in_s3(mlflow_server, tmp_path):
     uri = mlflow_server.uri
-    tracking.check_tracking_server(uri, timeout_s=5)
+    runs.check_tracking_server(uri, timeout_s=5)
     cfg = build_config({"data": {"dataset": "cifar10"}, "tracking": {"tracking_uri": uri}})
-    assert tracking.resolve_tracking_uri(cfg.tracking.tracking_uri) == uri
+    assert runs.resolve_tracking_uri(cfg.tracking.tracking_uri) == uri
 
     # One run per run name, over HTTP too.
-    run_id = tracking.start_or_resume_run(
-        uri, "shike-http", "http-run", tracking.standard_tags(cfg)
-    )
-    log = tracking.RunLogger(uri, run_id)
+    run_id = runs.start_or_resume_run(uri, "shike-http", "http-run", runs.standard_tags(cfg))
+    log = runs.RunLogger(uri, run_id)
     log.log_config(cfg)
     for epoch in range(2):
         log.log_metrics({"train/loss": 1.5 - epoch, "val/acc": 0.2 + 0.1 * epoch}, step=epoch)
@@ -59,7 +57,7 @@ def test_run_and_model_over_http_land_in_s3(mlflow_server, tmp_path):
     results = counts.compute(class_counts=CLASS_COUNTS)
     log.log_evaluation("test", results, CLASS_COUNTS, NAMES, counts=counts)
     log.finish()
-    assert tracking.start_or_resume_run(uri, "shike-http", "http-run") == run_id
+    assert runs.start_or_resume_run(uri, "shike-http", "http-run") == run_id
     log.log_config(cfg)  # the resumed run accepts the same config again
 
     torch.manual_seed(0)
@@ -112,11 +110,11 @@ def test_run_and_model_over_http_land_in_s3(mlflow_server, tmp_path):
 
     # Errors are the same clear ones over REST.
     with pytest.raises(RegistryError, match=f"model '{name}' has no alias 'champion'"):
-        model_versions.resolve_model_version(f"models:/{name}@champion", tracking_uri=uri)
+        versions.resolve_model_version(f"models:/{name}@champion", tracking_uri=uri)
     with pytest.raises(RegistryError, match=f"model '{name}' has no version 3"):
-        model_versions.resolve_model_version(f"models:/{name}/3", tracking_uri=uri)
+        versions.resolve_model_version(f"models:/{name}/3", tracking_uri=uri)
     with pytest.raises(RegistryError, match="no registered model named 'nope'"):
-        model_versions.resolve_model_version("models:/nope@candidate", tracking_uri=uri)
-    assert model_versions.get_alias_version(name, "champion", tracking_uri=uri) is None
-    model_versions.set_alias(name, "champion", 1, tracking_uri=uri)
-    assert str(model_versions.get_alias_version(name, "champion", tracking_uri=uri).version) == "1"
+        versions.resolve_model_version("models:/nope@candidate", tracking_uri=uri)
+    assert versions.get_alias_version(name, "champion", tracking_uri=uri) is None
+    versions.set_alias(name, "champion", 1, tracking_uri=uri)
+    assert str(versions.get_alias_version(name, "champion", tracking_uri=uri).version) == "1"

@@ -12,9 +12,9 @@ import pytest
 
 from pipeline.data import DataError
 from pipeline.data.manifest import MANIFEST_NAME, read_manifest
-from pipeline.data.prepare_lists import prepare_benchmark
+from pipeline.data.prepare.from_lists import prepare_benchmark
 from pipeline.data.shards import read_split_table
-from pipeline.data.storage import S3Options, create_bucket, resolve
+from pipeline.storage import S3Options, create_bucket, resolve
 from tests.helpers.lt_datasets import write_imagenet_lt, write_inat2018_json
 from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 

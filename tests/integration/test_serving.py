@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
+from pipeline.data.readers.transforms import CIFAR_MEAN, CIFAR_STD
 from pipeline.models import build_model
 from tests.helpers.s3_server import free_port
 
@@ -44,10 +44,10 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float =
 
 
 def test_registered_model_serves_probabilities_for_uint8_images(tmp_path):
-    from pipeline import registry, tracking
+    from pipeline.tracking import registry, runs
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = tracking.start_or_resume_run(store, "serving", "serve-run")
+    run_id = runs.start_or_resume_run(store, "serving", "serve-run")
     torch.manual_seed(0)
     net = build_model(ModelConfig(), len(NAMES))
     net.set_stage(2)

@@ -289,7 +289,7 @@ def test_submitted_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset
     assert probs.shape == (3, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
 
     # evaluating @candidate on val reproduces the val metrics its training run logged
-    from pipeline.evaluation import evaluate_model
+    from pipeline.evaluation.evaluate import evaluate_model
 
     report = evaluate_model("models:/shike-test@candidate", tiny_dataset, "val", tracking_uri=uri)
     for key in ("acc", "acc_medium", "acc_few"):

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.mlflow_store import mlflow_uris
+from pipeline.tracking.store import mlflow_uris
 from tests.helpers.processes import interrupt, start_driver
 from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from pipeline.data.batch_augment import (
+from pipeline.data.readers.batch_augment import (
     CIFAR10_POLICY,
     CROP_PADDING,
     SIGNED_OPS,
@@ -24,7 +24,7 @@ from pipeline.data.batch_augment import (
     draw,
     shuffled_batches,
 )
-from pipeline.data.transforms import CIFAR_STD, build_transform, transform_seeded
+from pipeline.data.readers.transforms import CIFAR_STD, build_transform, transform_seeded
 
 SIZE = 32
 

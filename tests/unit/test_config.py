@@ -96,7 +96,7 @@ def test_engine_cli_rejects_bad_input_with_one_line(args, message):
         [
             sys.executable,
             "-m",
-            "pipeline.engine",
+            "pipeline.training.engine",
             "--config",
             str(ROOT / "configs/smoke.yaml"),
             *args,

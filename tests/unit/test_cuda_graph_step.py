@@ -7,13 +7,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pipeline.config import ConfigError, load_config
-from pipeline.cuda_graph_step import sgd_update
-from pipeline.data.sources import RawSplit
-from pipeline.data.torch_reader import make_loader
+from pipeline.data.readers.torch_reader import make_loader
+from pipeline.data.sources.raw import RawSplit
 from pipeline.losses import build_objective
 from pipeline.models import build_model
 from pipeline.seeding import epoch_seed
-from pipeline.session import TrainingSession, set_trainable
+from pipeline.training.cuda_graph_step import sgd_update
+from pipeline.training.session import TrainingSession, set_trainable
 
 COUNTS = [40, 30, 20, 14, 10, 8, 6, 4, 3, 2]
 

@@ -13,7 +13,7 @@ from pipeline.data.longtail import (
     select_balanced,
     select_longtail,
 )
-from pipeline.data.sources import RawDataset, RawSplit
+from pipeline.data.sources.raw import RawDataset, RawSplit
 
 # SHIKE.md §4: total, first 5, last 5, (many, medium, few) class counts
 CIFAR100 = {

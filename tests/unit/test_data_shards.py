@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import DataError, IntegrityError, SourceFormatError, StorageError
+from pipeline.data import DataError, IntegrityError, SourceFormatError
 from pipeline.data.longtail import (
     build_longtail_splits,
     class_counts_of,
@@ -30,10 +30,10 @@ from pipeline.data.manifest import (
     read_manifest,
     seal_document,
 )
-from pipeline.data.prepare import prepare_dataset, prepare_from_raw
+from pipeline.data.prepare.from_raw import prepare_dataset, prepare_from_raw
+from pipeline.data.readers.torch_reader import load_prepared
 from pipeline.data.shards import load_split, read_split_table, shard_files, verify_split
-from pipeline.data.storage import S3Options, resolve
-from pipeline.data.torch_reader import load_prepared
+from pipeline.storage import S3Options, StorageError, resolve
 from tests.helpers.cifar_archives import write_cifar100_archive, write_parquet_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,7 +203,7 @@ def test_training_rows_are_stored_shuffled_and_the_engine_restores_class_order(s
 def test_ray_reader_refuses_class_ordered_training_rows(small, tmp_path):
     """A dataset prepared before the shuffled row order has no "train_row_order": the engine
     still reads it, the Ray reader says to prepare it again."""
-    from pipeline.data.ray_reader import training_datasets
+    from pipeline.data.readers.ray_reader import training_datasets
 
     out = tmp_path / "out"
     prepare_dataset("cifar10", str(small.path), str(out), 10, val_per_class=5)
@@ -449,7 +449,7 @@ def test_resolve_uris(tmp_path, monkeypatch):
 
 
 def test_endpoint_from_environment(monkeypatch):
-    from pipeline.data.storage import endpoint_of
+    from pipeline.storage import endpoint_of
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1234")
     fs, _ = resolve("s3://bucket-a/x")

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data import DataError, SourceFormatError, cifar_archives
+from pipeline.data import DataError, SourceFormatError
 from pipeline.data.longtail import class_counts_of, longtail_counts, select_longtail
-from pipeline.data.raw import checksum_files, file_hexdigest
-from pipeline.data.sources import load_raw_dataset
+from pipeline.data.sources import cifar_archives
+from pipeline.data.sources.load import load_raw_dataset
+from pipeline.data.sources.raw import checksum_files, file_hexdigest
 from tests.helpers.cifar_archives import (
     CIFAR10_NAMES,
     CIFAR100_COARSE_NAMES,

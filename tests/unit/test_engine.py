@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.batch_augment import BatchAugment, augmented_batches, shuffled_batches
-from pipeline.data.sources import RawSplit
-from pipeline.data.torch_reader import make_loader
-from pipeline.fit import fit, format_epoch_line
+from pipeline.data.readers.batch_augment import BatchAugment, augmented_batches, shuffled_batches
+from pipeline.data.readers.torch_reader import make_loader
+from pipeline.data.sources.raw import RawSplit
 from pipeline.seeding import epoch_seed
-from pipeline.session import NonFiniteLossError, TrainingSession
+from pipeline.training.fit import fit, format_epoch_line
+from pipeline.training.session import NonFiniteLossError, TrainingSession
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -244,7 +244,7 @@ def test_evaluate_reports_lt_groups():
 def test_smoke_recipe_runs_end_to_end_and_the_loss_falls(cifar10_dir):
     proc = subprocess.run(
         [
-            *(sys.executable, "-m", "pipeline.engine", "--config", "configs/smoke.yaml"),
+            *(sys.executable, "-m", "pipeline.training.engine", "--config", "configs/smoke.yaml"),
             *("--set", "data.augment_on=device", "--set", f"data.source={cifar10_dir}"),
         ],
         capture_output=True,

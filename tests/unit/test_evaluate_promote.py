@@ -1,4 +1,4 @@
-"""pipeline.evaluation + pipeline.promotion + jobs/evaluate.py + jobs/promote.py against a real
+"""pipeline.evaluation.evaluate + pipeline.evaluation.promotion + jobs/evaluate.py + jobs/promote.py against a real
 MLflow SQLite store.
 
 One small prepared dataset (generated images -> Parquet shards + manifest; 10 classes, 60 val
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
 from pipeline.data.manifest import MANIFEST_NAME, seal_document
+from pipeline.data.readers.transforms import CIFAR_MEAN, CIFAR_STD
 from pipeline.data.shards import load_split, prepare_dataset
-from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
 from pipeline.models import ImageClassifier, build_model
 from tests.helpers.cifar_archives import write_parquet_folder
 
@@ -40,9 +40,10 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from jobs import evaluate as evaluate_job  # noqa: E402
 from jobs import promote as promote_job  # noqa: E402
-from pipeline import evaluation, model_versions, promotion, registry, reports, tracking  # noqa: E402
-from pipeline.model_versions import RegistryError  # noqa: E402
-from pipeline.scoring import EvaluationError  # noqa: E402
+from pipeline.evaluation import evaluate, promotion, reports  # noqa: E402
+from pipeline.evaluation.scoring import EvaluationError  # noqa: E402
+from pipeline.tracking import registry, runs, versions  # noqa: E402
+from pipeline.tracking.versions import RegistryError  # noqa: E402
 from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
 MODEL = "shike-promo"
@@ -131,7 +132,7 @@ def models(dataset, store):
         net = nets[kind]
         clf = ImageClassifier(net, CIFAR_MEAN, CIFAR_STD, names).eval()
         acc = float((_probs(clf, val.images).argmax(1).numpy() == val.labels).mean())
-        run_id = tracking.start_or_resume_run(store, "shike-train", f"train-{kind}")
+        run_id = runs.start_or_resume_run(store, "shike-train", f"train-{kind}")
         mv = registry.log_and_register(
             run_id, net, names, MODEL, mean=CIFAR_MEAN, std=CIFAR_STD, alias=None,
             tracking_uri=store, dataset=manifest.dataset,
@@ -144,7 +145,7 @@ def models(dataset, store):
     torch.manual_seed(5)
     five = build_model(ModelConfig(), 5)
     five.set_stage(2)
-    run_id = tracking.start_or_resume_run(store, "shike-train", "train-five")
+    run_id = runs.start_or_resume_run(store, "shike-train", "train-five")
     registry.log_and_register(
         run_id, five.eval(), [f"c{i}" for i in range(5)], FIVE, mean=CIFAR_MEAN, std=CIFAR_STD,
         alias=None, tracking_uri=store,
@@ -181,13 +182,13 @@ def _same(a: dict, b: dict) -> bool:
 def test_evaluate_by_alias_version_and_run_agree_with_a_hand_count(dataset, store, models):
     uri, manifest, val = dataset
     version, run_id, expected_acc = models["good"]
-    model_versions.set_alias(MODEL, "under-test", version, tracking_uri=store)
+    versions.set_alias(MODEL, "under-test", version, tracking_uri=store)
 
-    by_alias = evaluation.evaluate_model(
+    by_alias = evaluate.evaluate_model(
         f"models:/{MODEL}@under-test", uri, tracking_uri=store, batch_size=7
     )
-    by_version = evaluation.evaluate_model(f"models:/{MODEL}/{version}", uri, tracking_uri=store)
-    by_run = evaluation.evaluate_model(f"runs:/{run_id}/model", uri, tracking_uri=store)
+    by_version = evaluate.evaluate_model(f"models:/{MODEL}/{version}", uri, tracking_uri=store)
+    by_run = evaluate.evaluate_model(f"runs:/{run_id}/model", uri, tracking_uri=store)
     for report in (by_alias, by_version, by_run):
         assert (report.model_name, report.version, report.source_run_id) == (
             MODEL, version, run_id,
@@ -239,7 +240,7 @@ def test_evaluate_by_alias_version_and_run_agree_with_a_hand_count(dataset, stor
 def test_class_count_mismatch_is_a_clear_error(dataset, store, models):
     uri, _, _ = dataset
     with pytest.raises(EvaluationError, match=r"predicts 5 classes .* has 10 classes"):
-        evaluation.evaluate_model(f"models:/{FIVE}/1", uri, tracking_uri=store)
+        evaluate.evaluate_model(f"models:/{FIVE}/1", uri, tracking_uri=store)
 
 
 def _renamed_copy(uri: str, dest: Path, name: str) -> str:
@@ -266,7 +267,7 @@ def test_evaluate_refuses_a_dataset_the_model_was_not_trained_on(
             rf"'cifar10' but {other} holds dataset 'cifar10_relabelled'$"
         ),
     ):
-        evaluation.evaluate_model(f"models:/{MODEL}/1", other, tracking_uri=store)
+        evaluate.evaluate_model(f"models:/{MODEL}/1", other, tracking_uri=store)
     argv = ["--model", f"models:/{MODEL}/1", "--data", other, "--tracking-uri", store, "--no-log"]
     assert evaluate_job.main(argv) == 1
     captured = capsys.readouterr()
@@ -275,7 +276,7 @@ def test_evaluate_refuses_a_dataset_the_model_was_not_trained_on(
     assert line.startswith("error: dataset mismatch:") and "'cifar10_relabelled'" in line
     # A model without the dataset in its metadata: the class names decide (5 vs 10 here).
     with pytest.raises(EvaluationError, match="predicts 5 classes"):
-        evaluation.evaluate_model(f"models:/{FIVE}/1", other, tracking_uri=store)
+        evaluate.evaluate_model(f"models:/{FIVE}/1", other, tracking_uri=store)
 
 
 def test_evaluate_job_prints_writes_csv_and_logs_one_run(dataset, store, models, tmp_path, capsys):
@@ -296,16 +297,16 @@ def test_evaluate_job_prints_writes_csv_and_logs_one_run(dataset, store, models,
     # Re-evaluating the same version on the same data reuses its MLflow run.
     assert evaluate_job.main(argv) == 0
     client = MlflowClient(store)
-    exp = client.get_experiment_by_name(evaluation.EVAL_EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    digest = tracking.manifest_hash(manifest)
+    exp = client.get_experiment_by_name(evaluate.EVAL_EXPERIMENT)
+    eval_runs = client.search_runs([exp.experiment_id])
+    assert len(eval_runs) == 1
+    run = eval_runs[0]
+    digest = runs.manifest_hash(manifest)
     assert run.info.run_name == f"eval-{MODEL}-v{version}-val-{digest}"
-    assert run.data.tags[evaluation.TAG_EVAL_MODEL_NAME] == MODEL
-    assert run.data.tags[evaluation.TAG_EVAL_MODEL_VERSION] == version
-    assert run.data.tags[evaluation.TAG_EVAL_SOURCE_RUN] == run_id
-    assert run.data.tags[tracking.TAG_MANIFEST_HASH] == digest
+    assert run.data.tags[evaluate.TAG_EVAL_MODEL_NAME] == MODEL
+    assert run.data.tags[evaluate.TAG_EVAL_MODEL_VERSION] == version
+    assert run.data.tags[evaluate.TAG_EVAL_SOURCE_RUN] == run_id
+    assert run.data.tags[runs.TAG_MANIFEST_HASH] == digest
     assert run.data.metrics["val/acc"] == pytest.approx(acc)
     assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "val")}
@@ -382,11 +383,11 @@ def test_promotion_lifecycle(dataset, store, models, capsys):
     client = MlflowClient(store)
 
     def champion() -> str | None:
-        mv = model_versions.get_alias_version(MODEL, "champion", tracking_uri=store)
+        mv = versions.get_alias_version(MODEL, "champion", tracking_uri=store)
         return None if mv is None else str(mv.version)
 
     # 1. First promotion: a candidate and no champion.
-    model_versions.set_alias(MODEL, "candidate", v_medium, tracking_uri=store)
+    versions.set_alias(MODEL, "candidate", v_medium, tracking_uri=store)
     assert champion() is None
     code, out, _ = _promote(capsys, *common)
     assert code == 0 and "first-promotion" in out
@@ -397,7 +398,7 @@ def test_promotion_lifecycle(dataset, store, models, capsys):
     assert float(tags["promotion.candidate_score"]) == pytest.approx(acc_medium)
     assert tags["promotion.champion_score"] == "none"
     assert tags["promotion.split"] == "val" and tags["promotion.margin"] == "0.002"
-    assert tags["promotion.dataset_manifest_hash"] == tracking.manifest_hash(manifest)
+    assert tags["promotion.dataset_manifest_hash"] == runs.manifest_hash(manifest)
     assert tags["promotion.timestamp"].endswith("Z")
 
     # 2. Idempotent: the same candidate again changes nothing.
@@ -407,7 +408,7 @@ def test_promotion_lifecycle(dataset, store, models, capsys):
     assert _state(store, MODEL) == before
 
     # 3. A worse candidate is refused; the decision is recorded on both versions.
-    model_versions.set_alias(MODEL, "candidate", v_bad, tracking_uri=store)
+    versions.set_alias(MODEL, "candidate", v_bad, tracking_uri=store)
     code, out, _ = _promote(capsys, *common)
     assert code == 0 and "keep" in out
     assert f"{100 * acc_bad:.2f}%" in out and f"{100 * acc_medium:.2f}%" in out
@@ -421,7 +422,7 @@ def test_promotion_lifecycle(dataset, store, models, capsys):
         assert tags["promotion.champion_version"] == v_medium
 
     # 4. --dry-run of a promotion that would happen: aliases and all tags stay as they were.
-    model_versions.set_alias(MODEL, "candidate", v_good, tracking_uri=store)
+    versions.set_alias(MODEL, "candidate", v_good, tracking_uri=store)
     before = _state(store, MODEL)
     code, out, _ = _promote(capsys, *common, "--dry-run")
     assert code == 0 and "promote:" in out and "dry run" in out
@@ -490,4 +491,4 @@ def test_decision_rule():
 
 def test_registry_errors_reach_the_api(store, models, dataset):
     with pytest.raises(RegistryError, match="has no alias 'champion'"):
-        evaluation.evaluate_model(f"models:/{FIVE}@champion", dataset[0], tracking_uri=store)
+        evaluate.evaluate_model(f"models:/{FIVE}@champion", dataset[0], tracking_uri=store)

@@ -24,7 +24,7 @@ from pipeline.data.manifest import (
     read_manifest,
     seal_document,
 )
-from pipeline.data.prepare import prepare_dataset
+from pipeline.data.prepare.from_raw import prepare_dataset
 from tests.helpers.cifar_archives import write_parquet_folder
 
 

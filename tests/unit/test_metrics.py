@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.data.longtail import lt_group, lt_groups
-from pipeline.metrics import EvalCounts
+from pipeline.evaluation.metrics import EvalCounts
 
 # Six classes; training counts put classes 0-1 in "many", 2-3 in "medium", 4-5 in "few".
 TRAIN_COUNTS = [500, 101, 100, 20, 19, 5]

@@ -348,7 +348,7 @@ def _resnet18_weights(path):
 def test_pretrained_weights_fill_the_trunk_and_every_experts_deep_stage(tmp_path):
     """`model.pretrained` (a torchvision state dict): stem, layer1-3 and each expert's layer4
     start from it; heads and adapters keep their own init; the 1000-class fc is ignored."""
-    from pipeline.session import TrainingSession
+    from pipeline.training.session import TrainingSession
 
     reference = _resnet18_weights(tmp_path / "r18.pt")
     cfg = load_config(
@@ -372,8 +372,8 @@ def test_pretrained_weights_fill_the_trunk_and_every_experts_deep_stage(tmp_path
 
 
 def test_pretrained_weights_of_another_architecture_are_refused(tmp_path):
-    from pipeline.checkpoint import CheckpointError, load_pretrained_weights
     from pipeline.models import load_pretrained
+    from pipeline.training.checkpoint import CheckpointError, load_pretrained_weights
 
     _resnet18_weights(tmp_path / "r18.pt")
     cfg = load_config(None, ["model.arch=shike_resnet50"])

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.data import DataError
 from pipeline.data.manifest import MANIFEST_NAME, read_manifest
-from pipeline.data.prepare_lists import prepare_benchmark
+from pipeline.data.prepare.from_lists import prepare_benchmark
 from pipeline.data.shards import read_split_table, verify_split
 from tests.helpers.lt_datasets import (
     write_imagenet_lt,
@@ -358,7 +358,7 @@ def test_job_refuses_the_options_of_the_other_dataset_kind(tmp_path):
 PEAK_RSS = textwrap.dedent(
     """
     import resource, sys
-    from pipeline.data.prepare_lists import prepare_benchmark
+    from pipeline.data.prepare.from_lists import prepare_benchmark
     prepare_benchmark("imagenet_lt", sys.argv[1], sys.argv[2], shard_mb=0.5, workers=2)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     """

@@ -1,4 +1,4 @@
-"""pipeline.registry and pipeline.model_versions against a real MLflow SQLite store: register,
+"""pipeline.tracking.registry and pipeline.tracking.versions against a real MLflow SQLite store: register,
 aliases, load, lookup errors."""
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, build_config
-from pipeline.data.transforms import CIFAR_MEAN, CIFAR_STD
+from pipeline.data.readers.transforms import CIFAR_MEAN, CIFAR_STD
 from pipeline.models import ImageClassifier, build_model
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipeline import mlflow_store, model_versions, registry, tracking  # noqa: E402
-from pipeline.model_versions import RegistryError  # noqa: E402
+from pipeline.tracking import registry, runs, versions  # noqa: E402
+from pipeline.tracking.store import mlflow_uris  # noqa: E402
+from pipeline.tracking.versions import RegistryError  # noqa: E402
 from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
 NAMES = [f"class_{i}" for i in range(10)]
@@ -49,7 +50,7 @@ def images(n: int = 6, seed: int = 123) -> np.ndarray:
 @pytest.fixture(scope="module")
 def registered(store):
     """A run with one registered version (v1) of model `shike-unit`."""
-    run_id = tracking.start_or_resume_run(store, "exp-registry", "reg-run")
+    run_id = runs.start_or_resume_run(store, "exp-registry", "reg-run")
     net = tiny_shike(0)
     mv = registry.log_and_register(
         run_id, net, NAMES, "shike-unit", mean=CIFAR_MEAN, std=CIFAR_STD,
@@ -88,14 +89,12 @@ def test_first_registration_is_version_1_with_candidate(registered, store):
     assert mv.tags["shike.run_id"] == run_id
     assert mv.tags["shike.run_name"] == "reg-run"
     assert (
-        str(model_versions.get_alias_version("shike-unit", "candidate", tracking_uri=store).version)
+        str(versions.get_alias_version("shike-unit", "candidate", tracking_uri=store).version)
         == "1"
     )
-    assert model_versions.get_alias_version("shike-unit", "champion", tracking_uri=store) is None
+    assert versions.get_alias_version("shike-unit", "champion", tracking_uri=store) is None
     # The model's artifacts live beside the SQLite file, not in the working directory.
-    source = model_versions.resolve_model_version(
-        "models:/shike-unit@candidate", tracking_uri=store
-    )
+    source = versions.resolve_model_version("models:/shike-unit@candidate", tracking_uri=store)
     loc = MlflowClient(store).get_model_version_download_uri("shike-unit", source.version)
     assert loc.startswith(Path(store[len("sqlite:///") :]).parent.as_uri() + "/mlartifacts/")
 
@@ -109,7 +108,7 @@ def test_pyfunc_and_pytorch_loads_predict_like_the_eager_model(registered, store
     np.testing.assert_allclose(expected.sum(1), 1.0, rtol=1e-5)
 
     # Plain MLflow, as a user would call it.
-    with mlflow_store.mlflow_uris(store):
+    with mlflow_uris(store):
         pyfunc = mlflow.pyfunc.load_model("models:/shike-unit@candidate")
         torch_model = mlflow.pytorch.load_model("models:/shike-unit@candidate")
     np.testing.assert_allclose(pyfunc.predict(x), expected, atol=1e-5, rtol=0)
@@ -132,13 +131,13 @@ def test_pyfunc_and_pytorch_loads_predict_like_the_eager_model(registered, store
 
 
 def test_second_registration_moves_candidate(store):
-    run_a = tracking.start_or_resume_run(store, "exp-registry", "move-a")
-    run_b = tracking.start_or_resume_run(store, "exp-registry", "move-b")
+    run_a = runs.start_or_resume_run(store, "exp-registry", "move-a")
+    run_b = runs.start_or_resume_run(store, "exp-registry", "move-b")
     kwargs = dict(mean=CIFAR_MEAN, std=CIFAR_STD, tracking_uri=store)
     v1 = registry.log_and_register(run_a, tiny_shike(1), NAMES, "shike-move", **kwargs)
     v2 = registry.log_and_register(run_b, tiny_shike(2), NAMES, "shike-move", **kwargs)
     assert (str(v1.version), str(v2.version)) == ("1", "2")
-    current = model_versions.get_alias_version("shike-move", "candidate", tracking_uri=store)
+    current = versions.get_alias_version("shike-move", "candidate", tracking_uri=store)
     assert str(current.version) == "2" and current.run_id == run_b
     assert MlflowClient(store).get_model_version("shike-move", "1").aliases == []
     # The two versions hold different weights: loading by alias gives the second.
@@ -148,32 +147,29 @@ def test_second_registration_moves_candidate(store):
     assert not torch.allclose(by_alias(x), first(x))
     # runs:/ URIs resolve to the version registered from that run.
     assert (
-        str(
-            model_versions.resolve_model_version(f"runs:/{run_a}/model", tracking_uri=store).version
-        )
+        str(versions.resolve_model_version(f"runs:/{run_a}/model", tracking_uri=store).version)
         == "1"
     )
 
-    model_versions.set_alias("shike-move", "champion", 1, tracking_uri=store)
+    versions.set_alias("shike-move", "champion", 1, tracking_uri=store)
     assert (
-        str(model_versions.get_alias_version("shike-move", "champion", tracking_uri=store).version)
-        == "1"
+        str(versions.get_alias_version("shike-move", "champion", tracking_uri=store).version) == "1"
     )
     with pytest.raises(
         RegistryError, match=r"model 'shike-move' has no version 7 \(versions: 1, 2\)"
     ):
-        model_versions.set_alias("shike-move", "champion", 7, tracking_uri=store)
+        versions.set_alias("shike-move", "champion", 7, tracking_uri=store)
 
 
 def test_registering_an_image_classifier_and_a_wrong_class_count(store):
-    run_id = tracking.start_or_resume_run(store, "exp-registry", "wrapper-run")
+    run_id = runs.start_or_resume_run(store, "exp-registry", "wrapper-run")
     with pytest.raises(RegistryError, match="3 class names given"):
         registry.log_and_register(
             run_id, tiny_shike(3), NAMES[:3], "shike-bad", mean=CIFAR_MEAN, std=CIFAR_STD,
             tracking_uri=store,
         )  # fmt: skip
     with pytest.raises(RegistryError, match="no registered model named 'shike-bad'"):
-        model_versions.resolve_model_version("models:/shike-bad@candidate", tracking_uri=store)
+        versions.resolve_model_version("models:/shike-bad@candidate", tracking_uri=store)
     # An ImageClassifier is registered as is; alias=None leaves the aliases alone.
     wrapper = ImageClassifier(tiny_shike(4), CIFAR_MEAN, CIFAR_STD, NAMES).eval()
     mv = registry.log_and_register(
@@ -208,7 +204,7 @@ def test_version_description_states_recipe_data_and_scores(store, tmp_path):
     }  # fmt: skip
     text = registry.version_description(cfg, manifest, metrics, run_name="described-run")
     text += "\nRe-run: `--set data.uri=s3://rd:pw1234@bkt/c10`\n"  # a password is masked
-    run_id = tracking.start_or_resume_run(store, "exp-registry", "described-run")
+    run_id = runs.start_or_resume_run(store, "exp-registry", "described-run")
     mv = registry.log_and_register(
         run_id, tiny_shike(5), manifest.class_names, "shike-described", mean=CIFAR_MEAN,
         std=CIFAR_STD, metrics=metrics, tracking_uri=store, description=text,
@@ -224,7 +220,7 @@ def test_version_description_states_recipe_data_and_scores(store, tmp_path):
         "loss stage 1 `shike` (CE 1, DKT 10, MD 1), stage 2 `balanced_softmax` for the last 1 epoch",
         "4 epochs, seed 7",
         "`cifar10` (imbalance factor 10)",  # data
-        f"at `{data.as_uri()}`, manifest hash `{tracking.manifest_hash(manifest)}`",
+        f"at `{data.as_uri()}`, manifest hash `{runs.manifest_hash(manifest)}`",
         "s3://rd:***@bkt/c10",
         "118 training images",
         "**Test**: top-1 41.25%; many n/a / medium 50.00% / few 30.00%; ECE 0.0531.",  # scores
@@ -265,7 +261,7 @@ def test_version_description_states_recipe_data_and_scores(store, tmp_path):
 )
 def test_unknown_alias_version_name_are_clear_errors(registered, store, uri, message):
     with pytest.raises(RegistryError, match=message):
-        model_versions.resolve_model_version(uri, tracking_uri=store)
+        versions.resolve_model_version(uri, tracking_uri=store)
 
 
 def test_load_with_unknown_alias_is_a_clear_error(registered, store):
@@ -274,20 +270,16 @@ def test_load_with_unknown_alias_is_a_clear_error(registered, store):
     with pytest.raises(RegistryError, match="has no version 5"):
         registry.class_names_of("models:/shike-unit/5", tracking_uri=store)
     with pytest.raises(RegistryError, match="no registered model named"):
-        model_versions.get_alias_version("missing-model", "candidate", tracking_uri=store)
+        versions.get_alias_version("missing-model", "candidate", tracking_uri=store)
 
 
 def test_latest_and_run_uris(registered, store):
     run_id, _, _ = registered
     assert (
-        str(
-            model_versions.resolve_model_version(
-                "models:/shike-unit/latest", tracking_uri=store
-            ).version
-        )
+        str(versions.resolve_model_version("models:/shike-unit/latest", tracking_uri=store).version)
         == "1"
     )
     assert (
-        model_versions.resolve_model_version(f"runs:/{run_id}/model", tracking_uri=store).name
+        versions.resolve_model_version(f"runs:/{run_id}/model", tracking_uri=store).name
         == "shike-unit"
     )

@@ -1,4 +1,4 @@
-"""The run lease (pipeline.run_lease): one live launch per run name, on a folder and on S3
+"""The run lease (pipeline.distributed.run_lease): one live launch per run name, on a folder and on S3
 (moto's server on loopback), and a dead launch's lease taken over."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from pipeline import run_lease
-from pipeline.data.storage import s3_client
-from pipeline.run_lease import LeaseHeldError
+from pipeline.distributed import run_lease
+from pipeline.distributed.run_lease import LeaseHeldError
+from pipeline.storage import s3_client
 
 
 def _die_holding(storage: str, run_name: str) -> int:

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from pipeline.config import load_config
-from pipeline.schedule import lr_at, stage_of
+from pipeline.training.schedule import lr_at, stage_of
 
 OPTIM = load_config(None).optim  # defaults = the paper recipe
 

@@ -1,5 +1,5 @@
-"""The Ray-free streaming reader of source-image datasets (pipeline.data.stream_reader), its
-decoder (pipeline.data.decode) and the engine on such a dataset. Datasets are generated JPEGs
+"""The Ray-free streaming reader of source-image datasets (pipeline.data.readers.stream_reader), its
+decoder (pipeline.data.codec) and the engine on such a dataset. Datasets are generated JPEGs
 of varying sizes in Parquet shards (tests/helpers/jpeg_shards.py)."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data import DataError, IntegrityError, SourceFormatError
-from pipeline.data.decode import decode_rgb
+from pipeline.data.codec import decode_rgb
 from pipeline.data.manifest import read_manifest
-from pipeline.data.stream_reader import make_stream_loader
-from pipeline.engine import run
+from pipeline.data.readers.stream_reader import make_stream_loader
 from pipeline.seeding import epoch_seed
+from pipeline.training.engine import run
 from tests.helpers.jpeg_shards import write_source_dataset
 
-# torchvision.io's decoders warn on every call that 0.29 deprecated them (pipeline.data.decode).
+# torchvision.io's decoders warn on every call that 0.29 deprecated them (pipeline.data.codec).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 SIZE = 24

@@ -1,4 +1,4 @@
-"""pipeline.tracking (with pipeline.mlflow_store and pipeline.credentials, which it logs through)
+"""pipeline.tracking.runs (with pipeline.tracking.store and pipeline.credentials, which it logs through)
 against a real MLflow SQLite store in a temporary folder."""
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import torch
 import yaml
 
 from pipeline.config import build_config
-from pipeline.metrics import EvalCounts
+from pipeline.evaluation.metrics import EvalCounts
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from pipeline import credentials, mlflow_lineage, mlflow_store, tracking  # noqa: E402
-from pipeline.tracking import RunLogger, TrackingError  # noqa: E402
+from pipeline import credentials  # noqa: E402
+from pipeline.tracking import lineage, runs  # noqa: E402
+from pipeline.tracking.runs import RunLogger, TrackingError  # noqa: E402
+from pipeline.tracking.store import mlflow_uris, sqlite_artifact_root  # noqa: E402
 from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
 
@@ -62,16 +64,14 @@ def test_resolve_tracking_uri_precedence(monkeypatch, tmp_path):
     tmp_path.mkdir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    default = tracking.resolve_tracking_uri(None)
+    default = runs.resolve_tracking_uri(None)
     assert default == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert mlflow_store.sqlite_artifact_root(default) == tmp_path.resolve() / "mlartifacts"
+    assert sqlite_artifact_root(default) == tmp_path.resolve() / "mlartifacts"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.resolve_tracking_uri(None) == "http://127.0.0.1:5000"
-    assert tracking.resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
-    assert mlflow_store.sqlite_artifact_root("http://host:5000") is None
-    assert mlflow_store.sqlite_artifact_root("sqlite:////data/m/x.db") == Path(
-        "/data/m/mlartifacts"
-    )
+    assert runs.resolve_tracking_uri(None) == "http://127.0.0.1:5000"
+    assert runs.resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
+    assert sqlite_artifact_root("http://host:5000") is None
+    assert sqlite_artifact_root("sqlite:////data/m/x.db") == Path("/data/m/mlartifacts")
     assert not list(tmp_path.iterdir())  # resolving creates nothing
 
 
@@ -86,8 +86,8 @@ def test_redact_uri_masks_password():
 
 
 def test_one_run_per_run_name(store, cfg, tmp_path_factory):
-    tags = tracking.standard_tags(cfg)
-    run_id = tracking.start_or_resume_run(store, "exp-runs", "alpha", tags)
+    tags = runs.standard_tags(cfg)
+    run_id = runs.start_or_resume_run(store, "exp-runs", "alpha", tags)
     client = MlflowClient(store)
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING"
@@ -98,14 +98,14 @@ def test_one_run_per_run_name(store, cfg, tmp_path_factory):
 
     RunLogger(store, run_id).finish("FAILED")
     assert client.get_run(run_id).info.status == "FAILED"
-    again = tracking.start_or_resume_run(store, "exp-runs", "alpha", tags)
+    again = runs.start_or_resume_run(store, "exp-runs", "alpha", tags)
     assert again == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
     RunLogger(store, run_id).finish()
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert tracking.start_or_resume_run(store, "exp-runs", "alpha") == run_id
+    assert runs.start_or_resume_run(store, "exp-runs", "alpha") == run_id
 
-    other = tracking.start_or_resume_run(store, "exp-runs", "beta", tags)
+    other = runs.start_or_resume_run(store, "exp-runs", "beta", tags)
     assert other != run_id
     exp = client.get_experiment_by_name("exp-runs")
     assert len(client.search_runs([exp.experiment_id])) == 2
@@ -115,40 +115,38 @@ def test_one_run_per_run_name(store, cfg, tmp_path_factory):
 
 
 def test_child_run_under_a_parent(store):
-    parent = tracking.start_or_resume_run(store, "exp-sweep", "sweep-1")
-    child = tracking.start_or_resume_run(
-        store, "exp-sweep", "sweep-1/trial-0", parent_run_id=parent
-    )
+    parent = runs.start_or_resume_run(store, "exp-sweep", "sweep-1")
+    child = runs.start_or_resume_run(store, "exp-sweep", "sweep-1/trial-0", parent_run_id=parent)
     assert child != parent
     assert MlflowClient(store).get_run(child).data.tags["mlflow.parentRunId"] == parent
-    assert tracking.start_or_resume_run(store, "exp-sweep", "sweep-1/trial-0") == child
+    assert runs.start_or_resume_run(store, "exp-sweep", "sweep-1/trial-0") == child
 
 
 def test_duplicate_runs_for_a_name_are_an_error(store):
-    tracking.start_or_resume_run(store, "exp-dup", "gamma")
+    runs.start_or_resume_run(store, "exp-dup", "gamma")
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("exp-dup")
     client.create_run(exp.experiment_id, tags={"shike.run_name": "gamma"})
     with pytest.raises(TrackingError, match=r"2 runs tagged shike.run_name=gamma"):
-        tracking.start_or_resume_run(store, "exp-dup", "gamma")
+        runs.start_or_resume_run(store, "exp-dup", "gamma")
 
 
 def test_deleted_run_is_not_resumed(store):
-    first = tracking.start_or_resume_run(store, "exp-del", "delta")
+    first = runs.start_or_resume_run(store, "exp-del", "delta")
     MlflowClient(store).delete_run(first)
-    assert tracking.start_or_resume_run(store, "exp-del", "delta") != first
+    assert runs.start_or_resume_run(store, "exp-del", "delta") != first
 
 
 def test_invalid_run_name_rejected(store):
     with pytest.raises(TrackingError, match="invalid run name"):
-        tracking.start_or_resume_run(store, "exp-runs", "it's")
+        runs.start_or_resume_run(store, "exp-runs", "it's")
 
 
 # ---- params ----------------------------------------------------------------------------------
 
 
 def test_log_config_relog_same_ok_and_differing_value_fails(store, cfg, tmp_path):
-    run_id = tracking.start_or_resume_run(store, "exp-params", "cfg-run")
+    run_id = runs.start_or_resume_run(store, "exp-params", "cfg-run")
     log = RunLogger(store, run_id)
     log.log_config(cfg)
     log.log_config(cfg)  # a resumed run re-logs the same config: fine
@@ -173,21 +171,21 @@ def test_log_config_relog_same_ok_and_differing_value_fails(store, cfg, tmp_path
     RunLogger(store, run_id).log_config(moved)
     run = client.get_run(run_id)
     assert run.data.params["data.loader_workers"] == str(workers)
-    assert run.data.tags[tracking.TAG_EXECUTION_CHANGES] == (
+    assert run.data.tags[runs.TAG_EXECUTION_CHANGES] == (
         f"data.loader_workers={workers + 3} (logged {workers})"
     )
     (tmp_path / "moved").mkdir()
     path = client.download_artifacts(run_id, "config.yaml", dst_path=str(tmp_path / "moved"))
     assert yaml.safe_load(Path(path).read_text())["data"]["loader_workers"] == workers + 3
     RunLogger(store, run_id).log_config(cfg)  # back to the logged values: no change to report
-    assert tracking.TAG_EXECUTION_CHANGES not in client.get_run(run_id).data.tags
+    assert runs.TAG_EXECUTION_CHANGES not in client.get_run(run_id).data.tags
 
 
 # ---- metrics ---------------------------------------------------------------------------------
 
 
 def test_metrics_with_steps_and_nan_skipped(store):
-    run_id = tracking.start_or_resume_run(store, "exp-metrics", "m-run")
+    run_id = runs.start_or_resume_run(store, "exp-metrics", "m-run")
     log = RunLogger(store, run_id)
     for epoch in range(3):
         log.log_metrics(
@@ -219,7 +217,7 @@ def _eval_counts(num_classes: int = 10, n: int = 400) -> EvalCounts:
 
 
 def test_log_evaluation_metrics_table_and_plots(store, tmp_path):
-    run_id = tracking.start_or_resume_run(store, "exp-eval", "e-run")
+    run_id = runs.start_or_resume_run(store, "exp-eval", "e-run")
     class_counts = [500, 300, 180, 101, 100, 60, 20, 19, 8, 5]
     names = [f"class{i}" for i in range(10)]
     counts = _eval_counts()
@@ -251,7 +249,7 @@ def test_log_evaluation_metrics_table_and_plots(store, tmp_path):
 
 
 def test_log_evaluation_with_explicit_bins_and_empty_class(store, tmp_path):
-    run_id = tracking.start_or_resume_run(store, "exp-eval", "e-run-2")
+    run_id = runs.start_or_resume_run(store, "exp-eval", "e-run-2")
     results = {
         "acc": 0.5, "top5": 0.9, "ece": 0.1, "acc_many": 0.6, "acc_medium": float("nan"),
         "acc_few": 0.2, "per_class_acc": [0.6, float("nan"), 0.2], "num_samples": 20,
@@ -284,14 +282,14 @@ def test_log_evaluation_with_explicit_bins_and_empty_class(store, tmp_path):
 
 
 def test_log_manifest_artifact_and_hash_tag(store, tmp_path):
-    run_id = tracking.start_or_resume_run(store, "exp-tags", "manifest-run")
+    run_id = runs.start_or_resume_run(store, "exp-tags", "manifest-run")
     manifest = {
         "dataset": "cifar10",
         "class_counts": [500, 5],
         "splits": {"train": {"num_rows": 505}},
     }
     digest = RunLogger(store, run_id).log_manifest(manifest)
-    assert digest == tracking.manifest_hash(dict(reversed(list(manifest.items()))))  # order-free
+    assert digest == runs.manifest_hash(dict(reversed(list(manifest.items()))))  # order-free
     client = MlflowClient(store)
     assert client.get_run(run_id).data.tags["shike.dataset_manifest_hash"] == digest
     path = client.download_artifacts(run_id, "dataset/manifest.json", str(tmp_path))
@@ -318,13 +316,13 @@ def _inputs(store: str, run_id: str) -> dict[str, object]:
 
 def test_dataset_inputs_name_digest_source_profile_and_context(store, tmp_path):
     manifest = _prepared_manifest(tmp_path / "c10-lt")
-    run_id = tracking.start_or_resume_run(store, "exp-datasets", "inputs-run")
+    run_id = runs.start_or_resume_run(store, "exp-datasets", "inputs-run")
     logged = RunLogger(store, run_id).log_datasets(manifest, ["train", "val", "test"])
     assert len(logged) == 3
-    assert tracking.run_name_of(store, run_id) == "inputs-run"
+    assert runs.run_name_of(store, run_id) == "inputs-run"
     inputs = _inputs(store, run_id)
-    digest = tracking.manifest_hash(manifest)
-    assert digest == tracking.manifest_hash(manifest.to_dict())  # the run's manifest tag
+    digest = runs.manifest_hash(manifest)
+    assert digest == runs.manifest_hash(manifest.to_dict())  # the run's manifest tag
     contexts = {"train": "training", "val": "validation", "test": "testing"}
     assert set(inputs) == {f"cifar10-lt-if10-{split}" for split in contexts}
     for split, context in contexts.items():
@@ -350,7 +348,7 @@ def test_dataset_inputs_name_digest_source_profile_and_context(store, tmp_path):
 
     # Idempotent: a relaunch (same run name) logs them again; the run still has one per split,
     # and so does the experiment. MLflow's own store deduplicates too (direct client call).
-    again = tracking.start_or_resume_run(store, "exp-datasets", "inputs-run")
+    again = runs.start_or_resume_run(store, "exp-datasets", "inputs-run")
     assert again == run_id
     RunLogger(store, again).log_datasets(manifest, ["train", "val", "test"])
     MlflowClient(store).log_inputs(run_id, datasets=logged)
@@ -359,7 +357,7 @@ def test_dataset_inputs_name_digest_source_profile_and_context(store, tmp_path):
     assert all(len(d.tags) == 1 for d in run.inputs.dataset_inputs)
 
     # A second run reading the same data shares the experiment's dataset records.
-    other = tracking.start_or_resume_run(store, "exp-datasets", "inputs-run-2")
+    other = runs.start_or_resume_run(store, "exp-datasets", "inputs-run-2")
     RunLogger(store, other).log_datasets(manifest, ["train"])
     assert list(_inputs(store, other)) == ["cifar10-lt-if10-train"]
 
@@ -368,7 +366,7 @@ def test_dataset_inputs_s3_source_without_credentials(store, tmp_path, monkeypat
     manifest = _prepared_manifest(tmp_path / "c10")
     # Another experiment: MLflow keys an experiment's datasets by (name, digest), so the same
     # data logged from another location reuses the record (and source) logged first.
-    run_id = tracking.start_or_resume_run(store, "exp-datasets-s3", "inputs-s3")
+    run_id = runs.start_or_resume_run(store, "exp-datasets-s3", "inputs-s3")
     RunLogger(store, run_id).log_datasets(
         manifest, ["val"], uri="s3://reader:hunter2@bucket/datasets/c10"
     )
@@ -377,9 +375,7 @@ def test_dataset_inputs_s3_source_without_credentials(store, tmp_path, monkeypat
     assert json.loads(dataset.source) == {"uri": "s3://reader:***@bucket/datasets/c10"}
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     with pytest.raises(TrackingError, match="AWS_SECRET_ACCESS_KEY"):
-        mlflow_lineage.dataset_inputs(
-            manifest, ["val"], digest="d", uri="s3://bucket/s3cr3t-value/c10"
-        )
+        lineage.dataset_inputs(manifest, ["val"], digest="d", uri="s3://bucket/s3cr3t-value/c10")
 
 
 # ---- system metrics ----------------------------------------------------------------------------
@@ -392,8 +388,8 @@ def _system_keys(store: str, run_id: str) -> set[str]:
 def test_system_metrics_logged_while_a_block_runs(store, monkeypatch, capfd):
     monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
     monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
-    run_id = tracking.start_or_resume_run(store, "exp-system", "monitored")
-    with mlflow_lineage.system_metrics(store, run_id, interval_s=0.2) as on:
+    run_id = runs.start_or_resume_run(store, "exp-system", "monitored")
+    with lineage.system_metrics(store, run_id, interval_s=0.2) as on:
         assert on
         time.sleep(1.0)
     assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
@@ -411,7 +407,7 @@ def test_system_metrics_logged_while_a_block_runs(store, monkeypatch, capfd):
 
     # A resumed run continues the steps; an error in the block still stops the monitor and
     # logs its last window.
-    with pytest.raises(RuntimeError, match="boom"), mlflow_lineage.system_metrics(store, run_id):
+    with pytest.raises(RuntimeError, match="boom"), lineage.system_metrics(store, run_id):
         raise RuntimeError("boom")
     assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
     more = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
@@ -419,28 +415,28 @@ def test_system_metrics_logged_while_a_block_runs(store, monkeypatch, capfd):
 
 
 def test_system_metrics_off(store, monkeypatch):
-    run_id = tracking.start_or_resume_run(store, "exp-system", "unmonitored")
-    with mlflow_lineage.system_metrics(store, run_id, interval_s=0.1, enabled=False) as on:
+    run_id = runs.start_or_resume_run(store, "exp-system", "unmonitored")
+    with lineage.system_metrics(store, run_id, interval_s=0.1, enabled=False) as on:
         time.sleep(0.3)
     assert on is False
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
-    with mlflow_lineage.system_metrics(store, run_id, interval_s=0.1) as on:
+    with lineage.system_metrics(store, run_id, interval_s=0.1) as on:
         time.sleep(0.3)
     assert on is False
     assert _system_keys(store, run_id) == set()
 
 
 def test_standard_tags(cfg):
-    tags = tracking.standard_tags(cfg, manifest_hash="abc123")
+    tags = runs.standard_tags(cfg, manifest_hash="abc123")
     assert tags["shike.config_hash"] == cfg.config_hash()
     assert tags["shike.dataset_manifest_hash"] == "abc123"
     assert tags["shike.seed"] == "0"
-    assert "shike.dataset_manifest_hash" not in tracking.standard_tags(cfg)
+    assert "shike.dataset_manifest_hash" not in runs.standard_tags(cfg)
 
 
 def test_standard_tags_commit_from_environment(cfg, monkeypatch):
     monkeypatch.setenv("SHIKE_GIT_COMMIT", "0123abcd")
-    assert tracking.standard_tags(cfg)["mlflow.source.git.commit"] == "0123abcd"
+    assert runs.standard_tags(cfg)["mlflow.source.git.commit"] == "0123abcd"
 
 
 @pytest.mark.parametrize(
@@ -458,7 +454,7 @@ def test_standard_tags_commit_from_environment(cfg, monkeypatch):
 )
 def test_secret_looking_keys_refused(store, key):
     assert credentials.looks_secret(key)
-    run_id = tracking.start_or_resume_run(store, "exp-tags", "secret-run")
+    run_id = runs.start_or_resume_run(store, "exp-tags", "secret-run")
     with pytest.raises(TrackingError, match="looks like a credential"):
         RunLogger(store, run_id).log_tags({key: "value"})
     assert key not in MlflowClient(store).get_run(run_id).data.tags
@@ -476,7 +472,7 @@ def test_config_keys_are_not_secret_looking(cfg):
 
 
 def test_credential_values_refused_and_uri_passwords_masked(store, monkeypatch):
-    run_id = tracking.start_or_resume_run(store, "exp-tags", "secret-values")
+    run_id = runs.start_or_resume_run(store, "exp-tags", "secret-values")
     log = RunLogger(store, run_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
     with pytest.raises(TrackingError, match=r"contains \$AWS_SECRET_ACCESS_KEY"):
@@ -499,7 +495,7 @@ def test_check_tracking_server_closed_port_fails_fast():
     uri = f"http://127.0.0.1:{closed_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} is unreachable"):
-        tracking.check_tracking_server(uri, timeout_s=3)
+        runs.check_tracking_server(uri, timeout_s=3)
     assert time.monotonic() - start < 3.5
 
 
@@ -510,28 +506,28 @@ def test_check_tracking_server_silent_server_times_out():
         uri = f"http://user:pw@127.0.0.1:{silent.getsockname()[1]}"
         start = time.monotonic()
         with pytest.raises(TrackingError) as info:
-            tracking.check_tracking_server(uri, timeout_s=1)
+            runs.check_tracking_server(uri, timeout_s=1)
         assert time.monotonic() - start < 2.5
     assert "user:***@127.0.0.1" in str(info.value) and "pw@" not in str(info.value)
 
 
 def test_check_tracking_server_noop_for_local_stores(store):
-    tracking.check_tracking_server(store, timeout_s=0.1)
-    tracking.check_tracking_server("file:///tmp/nowhere", timeout_s=0.1)
+    runs.check_tracking_server(store, timeout_s=0.1)
+    runs.check_tracking_server("file:///tmp/nowhere", timeout_s=0.1)
 
 
 def test_start_run_on_unreachable_server_is_a_clear_error():
     uri = f"http://127.0.0.1:{closed_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingError, match="unreachable"):
-        tracking.start_or_resume_run(uri, "exp", "run")
+        runs.start_or_resume_run(uri, "exp", "run")
     assert time.monotonic() - start < 11
 
 
 def test_mlflow_uris_restores_globals(store):
     before_env = os.environ.get("MLFLOW_TRACKING_URI")
     before = mlflow.get_tracking_uri()
-    with mlflow_store.mlflow_uris(store):
+    with mlflow_uris(store):
         assert mlflow.get_tracking_uri() == store
         assert mlflow.get_registry_uri() == store
     assert mlflow.get_tracking_uri() == before

@@ -4,7 +4,7 @@ import torch
 from torchvision.transforms import v2
 
 from pipeline.data import DataError
-from pipeline.data.transforms import (
+from pipeline.data.readers.transforms import (
     CIFAR_MEAN,
     CIFAR_STD,
     IMAGENET_MEAN,

@@ -1,0 +1,229 @@
+"""Ray Data datasets over prepared shards (the per-worker input of Ray Train).
+
+Reads the shards a manifest vouches for (verified first: sha256, rows, schema) with an explicit
+pyarrow filesystem and column projection, decodes the images and applies the transforms in
+`map_batches` (the same `build_transform` the Ray-free readers use; each image's random
+transform seeded from the run's seed, the epoch and its sample id), and shuffles files per
+epoch plus a seeded local buffer in the consumer. Two kinds of dataset:
+- fixed-size PNG shards (CIFAR): decoded as one array, the CIFAR presets at the stored size;
+- "source" shards (the large benchmarks' original JPEGs, sizes varying): each image decoded
+  on its own (pipeline.data.codec) and brought to `image_size` by an ImageNet-style preset,
+  so Ray Train workers get fixed-size float batches either way;
+- or, for a training step that augments on its own device (`data.augment_on`), the PNG
+  shards' images decoded only, as uint8 batches.
+Ray is imported here and in distributed/ only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.data import DataError
+from pipeline.data.codec import decode_images, decode_rgb
+from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest, as_manifest
+from pipeline.data.readers.transforms import (
+    apply_to_batch,
+    build_transform,
+    require_resizing_preset,
+    transform_seeded,
+)
+from pipeline.data.shards import shard_files, verify_split
+from pipeline.seeding import augmentation_seed, epoch_seed
+from pipeline.storage import S3Options
+
+COLUMNS = ["image", "label", "sample_id"]  # the id keys each image's augmentation seed
+# Rows per `map_batches` call. Source images leave it as float32 at image_size: 64 of them at
+# 224 px make a 38 MB block (256 would exceed Ray Data's 128 MiB target block size) and about
+# 0.15 s of one core's work, so the first batch does not wait for a long task.
+PNG_TASK_ROWS = 256
+SOURCE_TASK_ROWS = 64
+
+
+def _execution_index() -> int:
+    """How many executions (epochs) of this dataset finished before the running one.
+
+    Read inside a Ray Data task from the DataContext that Ray hands to every task; Ray's own
+    seeded `random()` expression and `FileShuffleConfig(reseed_after_execution=True)` key on
+    the same counter. It counts from the dataset's creation (Ray Train works on a copy made at
+    each start of its worker group), so a run resumed or restarted from a checkpoint draws its
+    epochs' seeds afresh from 0: still a function of (seed, restart epoch).
+    """
+    return ray.data.DataContext.get_current()._execution_idx
+
+
+def _decode_sources(
+    blobs: np.ndarray, sample_ids: np.ndarray, augment: str, train: bool, image_size: int, seeds
+) -> torch.Tensor:
+    """Source images of any size, one by one -> float NCHW at image_size."""
+    transform = build_transform(augment, train=train, image_size=image_size)
+    out = []
+    for i, (blob, sample_id) in enumerate(zip(blobs, sample_ids, strict=True)):
+        image = decode_rgb(blob, f"sample {sample_id}")
+        out.append(
+            transform(image) if seeds is None else transform_seeded(transform, image, seeds[i])
+        )
+    return torch.stack(out)
+
+
+def decode_and_transform(
+    batch: dict[str, np.ndarray],
+    augment: str,
+    train: bool,
+    seed: int | None = None,
+    with_ids: bool = False,
+    image_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Encoded images -> normalised float NCHW batch: PNGs of one size as stored (image_size
+    None), source images of any size at `image_size`. The train transform is random per image:
+    seeded per image and epoch from `seed` (pipeline.seeding), unseeded without."""
+    seeds = None
+    if train and seed is not None:
+        epoch = epoch_seed(seed, _execution_index())
+        seeds = [augmentation_seed(epoch, sample_id) for sample_id in batch["sample_id"]]
+    if image_size is None:
+        images = decode_images(list(batch["image"]), "shard rows")
+        pixels = apply_to_batch(build_transform(augment, train=train), images, seeds)
+    else:
+        pixels = _decode_sources(
+            batch["image"], batch["sample_id"], augment, train, image_size, seeds
+        )
+    out = {"image": pixels.numpy(), "label": batch["label"].astype(np.int64)}
+    if with_ids:
+        out["sample_id"] = batch["sample_id"]
+    return out
+
+
+def decode_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Encoded PNGs -> uint8 NCHW batch, for a training step that augments on its own device
+    (`data.augment_on`, pipeline.data.readers.batch_augment)."""
+    images = decode_images(list(batch["image"]), "shard rows")
+    return {
+        "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+        "label": batch["label"].astype(np.int64),
+    }
+
+
+@contextmanager
+def _parquet_reader_v1() -> Iterator[None]:
+    """Plan the reads inside with Ray Data's V1 Parquet reader (the default before Ray 2.60).
+
+    Each Dataset keeps the DataContext current at its creation, so the setting stays with the
+    datasets made here and the caller's own context is restored. Why V1: the V2 reader (Ray
+    2.60's default) reads a shard as one block, which `map_batches` then augments in one task
+    that emits its output only at the end, and every execution (every epoch) waits for it;
+    its file listing also stalls for seconds per execution. V1 hands the shard on in blocks
+    of a few hundred rows. On CIFAR-10-LT IF100 (one 27 MB training shard, 2 cores) the
+    training step waited 32.9 s for each epoch's first batch with V2, 4.1 s with V1
+    (BENCHMARKS.md, pipeline efficiency).
+    """
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        yield
+    finally:
+        ctx.use_datasource_v2 = before
+
+
+def split_dataset(
+    manifest: Manifest,
+    split: str,
+    *,
+    augment: str = "shike",
+    train: bool = False,
+    seed: int | None = 0,
+    verify: bool = True,
+    batch_size: int | None = None,
+    with_ids: bool = False,
+    image_size: int | None = None,
+    uint8: bool = False,
+) -> ray.data.Dataset:
+    """A Ray Dataset of one split: rows {"image": float32 (3,H,W), "label": int64} (plus the
+    source's "sample_id" with `with_ids`). H = W = `image_size` for a "source" dataset (which
+    needs it, and an ImageNet-style `augment`); PNG datasets keep their stored size.
+    `batch_size`: rows per decode task call (None: PNG_TASK_ROWS / SOURCE_TASK_ROWS).
+    `uint8` (PNG datasets): decoded uint8 images, neither augmented nor normalised, for a
+    consumer that augments them itself (pipeline.data.readers.batch_augment).
+
+    Training splits reshuffle the shard order on every execution (each epoch) and augment each
+    image from `seed` (None: unseeded). With the output order pinned (`preserve_order`), an
+    epoch's rows and pixels are then a function of (seed, epoch) alone.
+    """
+    source = manifest.image.encoding == "source"
+    if source:
+        if image_size is None:
+            raise ValueError(f"{manifest.uri}: images of varying size need an image_size")
+        require_resizing_preset(augment, manifest.uri)
+    if uint8 and source:
+        raise ValueError(f"{manifest.uri}: source images are decoded at image_size, not as uint8")
+    if verify:
+        verify_split(manifest, split)
+    fs, paths = shard_files(manifest, split)
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
+    with _parquet_reader_v1():
+        ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
+    ds = ds.select_columns(COLUMNS)
+    if uint8:
+        return ds.map_batches(decode_only, batch_size=batch_size or PNG_TASK_ROWS)
+    return ds.map_batches(
+        decode_and_transform,
+        fn_kwargs={
+            "augment": augment,
+            "train": train,
+            "seed": seed,
+            "with_ids": with_ids,
+            "image_size": image_size if source else None,
+        },
+        batch_size=batch_size or (SOURCE_TASK_ROWS if source else PNG_TASK_ROWS),
+        batch_format="numpy",
+    )
+
+
+def quiet_progress() -> None:
+    """Ray Data's per-operator progress bars print several lines per epoch and split; the
+    training loop prints its own one line per epoch instead."""
+    from ray.util.debug import log_once
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    # Ray Data warns once per process that the bars are off ("Progress bars disabled. To
+    # enable, ..."): they are off on purpose, so that notice is marked as given.
+    log_once("ray_data_progress_manager_disabled")
+
+
+def training_datasets(
+    uri_or_manifest: str | Manifest,
+    augment: str,
+    seed: int,
+    s3: S3Options | None = None,
+    image_size: int | None = None,
+    train_uint8: bool = False,
+) -> tuple[Manifest, dict[str, ray.data.Dataset]]:
+    """Manifest + {"train", "val", "test"} datasets for a TorchTrainer, from the dataset's URI
+    or its manifest already read (and verified). `image_size`
+    (data.image_size) is the side of the batches' images for "source" datasets.
+    `train_uint8`: the training split as decoded uint8 images, which the workers augment on
+    their own device (data.augment_on)."""
+    quiet_progress()
+    manifest = as_manifest(uri_or_manifest, s3)
+    if manifest.train_row_order != TRAIN_ROW_ORDER:
+        # The streaming shuffle mixes only ~1,000 neighbouring rows: class-ordered rows would
+        # give whole epochs of one-class batches.
+        raise DataError(
+            f"{manifest.uri}: the training rows of this dataset are stored class by class "
+            f"(prepared by an earlier version), which Ray Data's local shuffle cannot mix; run "
+            f"jobs/prepare_data.py again with the same arguments to rewrite them in "
+            f"{TRAIN_ROW_ORDER} order (the Ray-free engine reads either)"
+        )
+    common = {"augment": augment, "image_size": image_size}
+    train = split_dataset(manifest, "train", train=True, seed=seed, uint8=train_uint8, **common)
+    datasets = {"train": train}
+    for split in ("val", "test"):
+        if split in manifest.splits and manifest.splits[split].num_rows:
+            datasets[split] = split_dataset(manifest, split, train=False, **common)
+    return manifest, datasets
