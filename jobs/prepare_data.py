@@ -65,18 +65,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="prepare_data",
-        description=(
-            "CIFAR-style datasets: build the long-tailed train split (n_i = int(n_max * "
-            "IF^(-i/(C-1)))), a balanced val split from the training images it leaves unused, "
-            "and the official test split. ImageNet-LT, iNaturalist 2018, Places-LT: take the "
-            "splits of the community's list files in --source, keeping each image's own bytes. "
-            "Either way, write them as Parquet shards with manifest.json (published last)."
-        ),
-        formatter_class=_HelpFormatter,
-    )
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    """What to read and where to write: the options every dataset kind takes."""
     p.add_argument(
         "--dataset",
         choices=[*CIFAR_STYLE, *LARGE_BENCHMARKS],
@@ -103,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=64.0,
         help="target shard size in MB (large benchmarks: 256 unless given)",
     )
+
+
+def _add_longtail_options(p: argparse.ArgumentParser) -> None:
+    """How a CIFAR-style dataset is cut into its long-tailed train, val and test splits."""
     cifar = p.add_argument_group("CIFAR-style datasets only (cifar10, cifar100, imagefolder)")
     cifar.add_argument(
         "--imbalance-factor",
@@ -135,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cap on test images per class (smoke runs); default: the whole official test set",
     )
+
+
+def _add_benchmark_shard_options(p: argparse.ArgumentParser) -> None:
+    """How the large benchmarks' shards are built from the images their lists name."""
     large = p.add_argument_group("large benchmarks only (imagenet_lt, inat2018, places_lt)")
     large.add_argument(
         "--max-side",
@@ -150,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="shards built and written at a time (each holds about 3 x --shard-mb of memory); "
         "default: min(4, CPU count)",
     )
+
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    """How to reach S3, and whether to print progress."""
     p.add_argument(
         "--endpoint-url",
         default=None,
@@ -170,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=_positive_float, default=30.0, help="S3 request timeout, seconds"
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The groups are added in this order because argparse lists options in the order they are
+    # added: usage and --help read source, long-tail, benchmark, then storage options.
+    p = argparse.ArgumentParser(
+        prog="prepare_data",
+        description=(
+            "CIFAR-style datasets: build the long-tailed train split (n_i = int(n_max * "
+            "IF^(-i/(C-1)))), a balanced val split from the training images it leaves unused, "
+            "and the official test split. ImageNet-LT, iNaturalist 2018, Places-LT: take the "
+            "splits of the community's list files in --source, keeping each image's own bytes. "
+            "Either way, write them as Parquet shards with manifest.json (published last)."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    _add_source_options(p)
+    _add_longtail_options(p)
+    _add_benchmark_shard_options(p)
+    _add_storage_options(p)
     return p
 
 

@@ -1,38 +1,13 @@
 """What the jobs print: the project's own lines; Ray's and MLflow's own logging at WARNING.
 
 By default a job's console shows where it runs, the "[shike] ..." lines the training loop logs
-on rank 0 (one per epoch, with its ETA), the results and where to find them. Warnings and errors
-of every library still show. `--verbose` (or SHIKE_VERBOSE=1) leaves Ray and MLflow at their own
-levels. Where the chatter comes from, and the setting that quiets each source:
-
-* Ray Train V2 logs the worker group's start-up and each checkpoint at INFO on its `ray.train`
-  loggers, in the controller and worker actors. Their console threshold is
-  `RunConfig(logging_config=ray.train.LoggingConfig(log_level=...))`: `train_log_level()`.
-  Every `ray.train.report` ("Reporting training result N: TrainingReport(...)" with all metrics,
-  from each worker) is logged at INFO too, but on a logger Ray 2.60 names by its source file's
-  path (`logging.getLogger(__file__)` in ray/train/v2/_internal/execution/context.py), so it goes
-  to the root logger, which Ray Train sets to INFO for the workers' own lines: that one logger is
-  set to WARNING in each process (`quiet_ray_worker`).
-* Ray Data logs "Starting execution", the execution plan and "execution finished" of every
-  dataset run at INFO on `ray.data`, in whichever process runs it (the driver, the split
-  coordinator, the train workers). It sets that logger's level from `RAY_DATA_LOG_LEVEL` each
-  time it configures logging; Ray workers get it through the job's runtime_env (`ray_init_kwargs`).
-  The progress bars are off (`pipeline.data.readers.ray_reader.quiet_progress`); Ray Data's one-time
-  warning that they are off is consumed in each process (`quiet_ray_worker`).
-* Ray core logs "Started a local Ray instance ..." at INFO on `ray` in the driver
-  (`ray.init(logging_level=...)`).
-* MLflow logs at INFO on `mlflow` (`MLFLOW_LOGGING_LEVEL`), draws a progress bar for artifact
-  downloads (`MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`), and warns on each model logged in the
-  pickle format, which `pipeline.tracking.registry` chose on purpose (its SERIALIZATION_FORMAT note).
-
-Ray's notice that a local instance it starts has token authentication on (it stays on) is
-dropped. Ray Tune's trial tables show with --verbose only (`tune.RunConfig(verbose=0)` in
-pipeline.distributed.tune). Left as they are: other warnings and errors (the Train controller's
-"PreemptionWatcher ... max_restarts > 0" error line of Ray 2.60) and MLflow's registration
-lines ("Created version ...", printed, not logged).
-
-The worker processes' own "[shike]" lines are logged at INFO on the root logger, which Ray Train
-configures in each worker; they reach the driver once each through Ray's log forwarding.
+on rank 0 (one per epoch, with its ETA), the results and where to find them: INFO chatter from
+Ray and MLflow would bury them. Warnings and errors of every library still show, so nothing that
+needs the user is hidden (e.g. the Train controller's "PreemptionWatcher ... max_restarts > 0"
+error line of Ray 2.60; MLflow's printed "Created version ..." lines stay too). `--verbose` (or
+SHIKE_VERBOSE=1) leaves Ray and MLflow at their own levels, and shows Ray Tune's trial tables
+(pipeline.distributed.tune). Each source of chatter has its own setting, noted where it is set:
+QUIET_ENV, QUIET_LOGGERS, TRAIN_REPORT_MODULE, DROPPED_NOTICES, `quiet_ray_worker`.
 """
 
 from __future__ import annotations
@@ -41,10 +16,16 @@ import logging
 import os
 from typing import Any
 
+from pipeline.data.readers.ray_progress import RAY_DATA_BARS_OFF_NOTICE
+
 VERBOSE_ENV = "SHIKE_VERBOSE"
 
 # Environment of the job's processes (this one and, through runtime_env, every Ray worker) in
-# the default, quiet mode. A variable the user has set keeps the user's value.
+# the default, quiet mode. A variable the user has set keeps the user's value. Ray Data logs
+# "Starting execution", the plan and "execution finished" of every dataset run at INFO on
+# `ray.data`, in whichever process runs it (the driver, the split coordinator, the train
+# workers), and sets that logger's level from RAY_DATA_LOG_LEVEL each time it configures
+# logging. MLflow logs at INFO on `mlflow` and draws a progress bar for artifact downloads.
 QUIET_ENV = {
     "RAY_DATA_LOG_LEVEL": "WARNING",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
@@ -52,11 +33,19 @@ QUIET_ENV = {
 }
 
 # Loggers set to WARNING in this process (quiet mode). `ray` is reset to INFO when Ray is first
-# imported, so `setup_console` imports it first.
+# imported, so `setup_console` imports it first. Ray Train's own start-up and checkpoint lines
+# (`ray.train`, in its controller and worker actors) take `train_log_level()`; Ray core's
+# "Started a local Ray instance ..." (`ray`, driver) takes `ray.init(logging_level=...)`.
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic")
 
-# ray/train/v2/_internal/execution/context.py, whose logger is named by this path.
+# ray/train/v2/_internal/execution/context.py, whose logger is named by this path. Every
+# `ray.train.report` is logged there at INFO ("Reporting training result N: TrainingReport(...)"
+# with all metrics, from each worker); Ray 2.60 names that logger by the file's path
+# (`logging.getLogger(__file__)`), so its records reach the root logger, which Ray Train sets to
+# INFO for the workers' own "[shike]" lines: that one logger is set to WARNING in each process.
 TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
+# MLflow's warning on each model logged in the pickle format, which pipeline.tracking.registry
+# chose on purpose (its SERIALIZATION_FORMAT note).
 PICKLE_NOTICE = "Saving pytorch model by Pickle or CloudPickle format"
 # Ray's notice, on starting a local instance, that it enabled token authentication (which stays on).
 TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
@@ -65,8 +54,6 @@ DROPPED_NOTICES = {
     "mlflow.pytorch": PICKLE_NOTICE,
     "ray._private.authentication.authentication_token_setup": TOKEN_AUTH_NOTICE,
 }
-# Ray Data's log_once key for "Progress bars disabled. To enable, set ..." (a WARNING).
-RAY_DATA_BARS_OFF_NOTICE = "ray_data_progress_manager_disabled"
 
 # What setup_console put into os.environ that the user had not set: the job's Ray workers get the
 # same (ray_init_kwargs); a variable the user set reaches them through the user's own environment.
@@ -144,7 +131,9 @@ def train_report_logger() -> logging.Logger:
 
 
 def quiet_ray_worker() -> None:
-    """Runs in every Ray worker process of the job at start-up (quiet mode only)."""
+    """Runs in every Ray worker process of the job at start-up (quiet mode only). Ray Data's
+    progress bars are off (pipeline.data.readers.ray_reader.quiet_progress); its one-time notice
+    that they are off is marked as given here, in whichever worker runs a dataset."""
     from ray.util.debug import log_once
 
     log_once(RAY_DATA_BARS_OFF_NOTICE)  # the bars are off on purpose: no notice

@@ -24,21 +24,18 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
-from torch import nn
 
 from pipeline.config import Config
-from pipeline.data.integrity import verify_dataset
+from pipeline.data.manifest import Manifest
 from pipeline.data.readers.ray_reader import training_datasets
-from pipeline.data.readers.transforms import normalization
-from pipeline.data.shards import Manifest
 from pipeline.distributed import console, run_lease, run_storage
 from pipeline.distributed.capacity import CapacityError, wait_for_capacity
+from pipeline.distributed.preflight import preflight
 from pipeline.distributed.worker import train_loop_per_worker
-from pipeline.models import build_model
 from pipeline.storage import is_s3, resolve
-from pipeline.tracking import registry, runs
+from pipeline.tracking import runs
 from pipeline.tracking.driver_guard import DriverGuard
-from pipeline.training.checkpoint import load_checkpoint
+from pipeline.tracking.registry import register_trained_model
 from pipeline.training.session import NonFiniteLossError
 
 
@@ -143,17 +140,17 @@ def open_tracked_run(
     cfg: Config,
     run_name: str,
     uri: str,
+    manifest: Manifest,
     *,
     extra_tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     eval_splits: tuple[str, ...] = ("val", "test"),
-    manifest: Manifest | None = None,
 ):
-    """Datasets from the manifest, the run's MLflow run (created or resumed by run name; config,
-    manifest and the splits read as dataset inputs logged) and the per-worker loop config:
-    (manifest, datasets, logger, loop_config). `manifest`: cfg.data.uri's, already read."""
-    manifest, datasets = training_datasets(
-        manifest or cfg.data.uri,
+    """Datasets from the manifest (cfg.data.uri's, already read), the run's MLflow run (created
+    or resumed by run name; config, manifest and the splits read as dataset inputs logged) and
+    the per-worker loop config: (datasets, logger, loop_config)."""
+    _, datasets = training_datasets(
+        manifest,
         cfg.data.augment,
         cfg.train.seed,
         image_size=cfg.data.image_size,
@@ -181,10 +178,7 @@ def open_tracked_run(
         "run_id": run_id,
         "eval_splits": [name for name in eval_splits if name in datasets],
     }
-    return manifest, datasets, logger, loop_config
-
-
-ENGINE_ONLY_GRAPHS = "train.cuda_graphs is supported by the Ray-free engine only (python -m pipeline.training.engine)"
+    return datasets, logger, loop_config
 
 
 def run_training_job(
@@ -199,46 +193,38 @@ def run_training_job(
 
     Relaunching with the same run name resumes from the latest checkpoint in
     cluster.storage_path (Ray Train V2) and continues the same MLflow run; a second launch
-    while one runs is refused (`pipeline.distributed.run_lease`). `resume_command` is what error messages
-    tell the operator to run to resume (default: a `python -m jobs.train` line for the run).
+    while one runs is refused (`pipeline.distributed.run_lease`). `resume_command` is what error
+    messages tell the operator to run to resume (default: a `python -m jobs.train` line).
     """
     run_name = run_name or cfg.name
-    if not cfg.data.uri:
-        raise TrainingJobError(
-            "data.uri is not set: prepare the dataset with jobs/prepare_data.py and pass "
-            "--set data.uri=<its output URI>"
-        )
-    if cfg.train.cuda_graphs:
-        raise TrainingJobError(ENGINE_ONLY_GRAPHS)
-    # The manifest's checksum, and its class counts against the labels in the shards: wrong
-    # counts would train wrong class priors. Before Ray starts, as every input check.
-    manifest = verify_dataset(cfg.data.uri)
     resume_command = (
         resume_command or f"python -m jobs.train --config <config> --run-name {run_name}"
     )
-    uri = runs.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    runs.check_tracking_server(uri)  # before any worker starts
-    try:
-        lease = run_lease.acquire(cfg.cluster.storage_path, run_name, command=resume_command)
-    except run_lease.LeaseHeldError as exc:
-        raise TrainingJobError(str(exc)) from None
-    with lease:
-        if lease.took_over:
+    with preflight(cfg, run_name, TrainingJobError, command=resume_command) as launch:
+        took_over = launch.lease.took_over
+        if took_over:
             console.say(
-                f"run '{run_name}': the launch before, {run_lease.describe(lease.took_over)}, "
+                f"run '{run_name}': the launch before, {run_lease.describe(took_over)}, "
                 "died without ending it; this launch takes it over and resumes"
             )
         if not ray.is_initialized():
             ray.init(log_to_driver=True, **console.ray_init_kwargs())
-        manifest, datasets, logger, loop_config = open_tracked_run(
-            cfg, run_name, uri, manifest=manifest
+        datasets, logger, loop_config = open_tracked_run(
+            cfg, run_name, launch.tracking_uri, launch.manifest
         )
-        if lease.took_over:
-            logger.log_tags({TAG_TOOK_OVER: run_lease.describe(lease.took_over)})
-        guard = DriverGuard.start(uri, logger.run_id, run_name, resume_command)
+        if took_over:
+            logger.log_tags({TAG_TOOK_OVER: run_lease.describe(took_over)})
+        guard = DriverGuard.start(logger.uri, logger.run_id, run_name, resume_command)
         try:
             return _train_and_register(
-                cfg, run_name, manifest, datasets, logger, loop_config, register, resume_command
+                cfg,
+                run_name,
+                launch.manifest,
+                datasets,
+                logger,
+                loop_config,
+                register,
+                resume_command,
             )
         finally:
             guard.stop()
@@ -285,9 +271,16 @@ def _train_and_register(
         version = None
         if register if register is not None else cfg.tracking.register_model:
             scores = {k: v for k, v in result.metrics.items() if k.startswith(("val/", "test/"))}
-            version = register_trained_model(
-                result.checkpoint, cfg, manifest, run_id=run_id, metrics=scores, tracking_uri=uri
-            )
+            with result.checkpoint.as_directory() as directory:
+                version = register_trained_model(
+                    directory,
+                    cfg,
+                    manifest,
+                    run_id=run_id,
+                    run_name=run_name,
+                    metrics=scores,
+                    tracking_uri=uri,
+                )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -305,54 +298,6 @@ def failure_message(cfg: Config, run_name: str, cause: str, resume_command: str)
     else:
         saved = f"the checkpoint of epoch {kept.epoch} is kept ({kept.path})"
     return f"training run '{run_name}' failed: {cause}; {saved}; resume with: {resume_command}"
-
-
-def register_trained_model(
-    checkpoint: ray.train.Checkpoint,
-    cfg: Config,
-    manifest: Manifest,
-    *,
-    run_id: str,
-    metrics: dict[str, Any],
-    tracking_uri: str,
-) -> str:
-    """Log the checkpoint's model in its MLflow run and register it (alias `candidate`); the
-    version. Its signature takes the images the model was trained on: the dataset's own size
-    (CIFAR-style), else data.image_size (ImageNet-style datasets, whose sizes vary: callers
-    resize and centre-crop first, `transforms.evaluation_crop`). The version's description
-    states the recipe, the data and the test scores in `metrics` (`registry.version_description`).
-    Used by jobs.train and jobs.tune."""
-    model = load_trained_model(checkpoint, cfg, manifest.num_classes)
-    mean, std = normalization(cfg.data.augment)
-    image_size = manifest.image_shape[0] if manifest.image.fixed_size else cfg.data.image_size
-    version = registry.log_and_register(
-        run_id,
-        model,
-        list(manifest.class_names),
-        registry.model_name_for(cfg),
-        mean=mean,
-        std=std,
-        image_size=image_size,
-        metrics={k.replace("/", "_"): v for k, v in metrics.items()},
-        tracking_uri=tracking_uri,
-        dataset=manifest.dataset,
-        description=registry.version_description(
-            cfg, manifest, metrics, run_name=runs.run_name_of(tracking_uri, run_id)
-        ),
-    )
-    return str(version.version)
-
-
-def load_trained_model(
-    checkpoint: ray.train.Checkpoint, cfg: Config, num_classes: int
-) -> nn.Module:
-    """The trained model of a Ray checkpoint, in its final stage, on CPU."""
-    with checkpoint.as_directory() as directory:
-        state = load_checkpoint(directory, expected_recipe=cfg.recipe())
-    model = build_model(cfg.model, num_classes)
-    model.load_state_dict(state["model"])
-    model.set_stage(int(state["stage"]))
-    return model.eval()
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -162,10 +162,11 @@ def _trial_driver(params: dict[str, Any], *, base: dict, sweep: dict, context: d
     cfg = trial_config(base, params)
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{sweep['name']}-{trial_id}"
-    _, datasets, logger, loop_config = open_tracked_run(
+    datasets, logger, loop_config = open_tracked_run(
         cfg,
         run_name,
         context["tracking_uri"],
+        context["manifest"],
         extra_tags={"shike.sweep": sweep["name"], "shike.trial_id": trial_id},
         parent_run_id=context["parent_run_id"],
         eval_splits=("val",),  # never the test split in a sweep
@@ -245,102 +246,24 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the summary with the best trial and its model version.
     One launch per sweep name at a time (`pipeline.distributed.run_lease`, as for training runs)."""
-    from pipeline.data.integrity import verify_dataset
-    from pipeline.distributed import run_lease
-    from pipeline.distributed.train import ENGINE_ONLY_GRAPHS
+    from pipeline.distributed.preflight import preflight
 
     name = name or spec.name
-    if not base.data.uri:
-        raise SweepError(
-            "data.uri is not set: add it to the sweep's overrides or pass --set data.uri=..."
-        )
-    if base.train.cuda_graphs:
-        raise SweepError(ENGINE_ONLY_GRAPHS)
-    verify_dataset(base.data.uri)  # before Ray starts, as every input check
-    try:
-        lease = run_lease.acquire(base.cluster.storage_path, name)
-    except run_lease.LeaseHeldError as exc:
-        raise SweepError(str(exc)) from None
-    with lease:
-        return _sweep(spec, base, name, register)
+    with preflight(base, name, SweepError) as launch:
+        return _sweep(spec, base, name, register, launch)
 
 
-def _sweep(spec: SweepSpec, base: Config, name: str, register: bool) -> dict[str, Any]:
+def _sweep(spec: SweepSpec, base: Config, name: str, register: bool, launch) -> dict[str, Any]:
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipeline.data.shards import read_manifest
     from pipeline.distributed import console
-    from pipeline.distributed.train import register_trained_model, storage_location
-    from pipeline.tracking import runs
 
-    uri = runs.resolve_tracking_uri(base.tracking.tracking_uri)
-    runs.check_tracking_server(uri)
     if not ray.is_initialized():
         ray.init(**console.ray_init_kwargs())
     check_state_api()
-    parent_id = runs.start_or_resume_run(
-        uri, base.tracking.experiment, name, {"shike.sweep": name, "shike.kind": "sweep"}
-    )
-    parent = runs.RunLogger(uri, parent_id)
-    parent.client.log_text(
-        parent_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep.yaml"
-    )
-
-    sweep_dict = spec.model_dump(mode="json") | {"name": name}
-    trainable = tune.with_parameters(
-        _trial_driver,
-        base=base.to_dict(),
-        sweep=sweep_dict,
-        context={"tracking_uri": uri, "parent_run_id": parent_id},
-    )
-    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the driver only waits
-    epochs = base.optim.epochs
-    if spec.scheduler.type == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=epochs,
-            grace_period=spec.scheduler.grace_period,
-            reduction_factor=spec.scheduler.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
-    search_alg = None
-    if spec.searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=spec.seed)
-    storage_path, storage_fs = storage_location(base)
-    experiment_path = (
-        os.path.join(storage_path, name) if storage_fs is None else f"{storage_path}/{name}"
-    )
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
-        tuner = tune.Tuner.restore(
-            experiment_path, trainable, resume_errored=True, storage_filesystem=storage_fs
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={k: d.to_tune() for k, d in spec.space.items()},
-            tune_config=tune.TuneConfig(
-                metric=spec.metric,
-                mode=spec.mode,
-                num_samples=spec.num_samples,
-                max_concurrent_trials=max_concurrent(spec, base),
-                scheduler=scheduler,
-                search_alg=search_alg,
-                reuse_actors=spec.reuse_actors and spec.scheduler.type == "none",
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
-                # Tune's trial tables: only with --verbose (the trials log their epochs)
-                verbose=None if console.is_verbose() else 0,
-            ),
-        )
-    grid, interrupted = _fit_noting_interrupt(tuner)
+    uri, epochs = launch.tracking_uri, base.optim.epochs
+    parent = _open_parent_run(spec, uri, base.tracking.experiment, name)
+    grid, interrupted = _fit_noting_interrupt(_build_tuner(spec, base, name, parent, launch))
     # Ctrl-C makes Tune save its state and return early: the trials it stopped look like
     # finished ones and those not yet generated are missing. Nothing is chosen from that.
     if interrupted or len(grid) < spec.expected_trials():
@@ -349,61 +272,181 @@ def _sweep(spec: SweepSpec, base: Config, name: str, register: bool) -> dict[str
             f"sweep '{name}' was interrupted ({len(grid)} of {spec.expected_trials()} trials "
             "started); relaunch it with the same name to resume"
         )
-
-    rows = []
-    for result in grid:
-        iterations = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
-        rows.append(
-            {
-                "trial_id": result.metrics.get("trial_id", "") if result.metrics else "",
-                **{k: result.config.get(k) for k in spec.space},
-                "epochs_run": iterations,
-                "stopped_early": iterations < epochs and result.error is None,
-                spec.metric: (result.metrics or {}).get(spec.metric, float("nan")),
-                "val/acc": (result.metrics or {}).get("val/acc", float("nan")),
-                "error": "" if result.error is None else type(result.error).__name__,
-                "checkpoint_path": (result.metrics or {}).get("checkpoint_path", ""),
-            }
-        )
+    rows = _trial_rows(grid, spec, epochs)
     _close_children(uri, base.tracking.experiment, name, rows, epochs)
-    finished = [r for r in rows if r["epochs_run"] == epochs and not r["error"]]
-    candidates = finished or [r for r in rows if not r["error"]]
-    if not candidates:
+    best = best_trial(rows, spec.metric, spec.mode, epochs)
+    if best is None:
         parent.finish("FAILED")
         raise SweepError(f"sweep '{name}': every trial failed")
-    sign = 1 if spec.mode == "max" else -1
-    best = max(candidates, key=lambda r: sign * _rank_value(r[spec.metric]))
     summary = {
         "name": name,
-        "parent_run_id": parent_id,
+        "parent_run_id": parent.run_id,
         "trials": rows,
         "best": best,
         "trial_epochs_run": sum(r["epochs_run"] for r in rows),
         "trial_epochs_full": len(rows) * epochs,
     }
+    _log_summary(parent, spec.metric, summary)
+    if register and best["checkpoint_path"]:
+        summary["model_version"] = _register_best(spec, base, name, best, launch)
+    parent.finish("FINISHED")
+    return summary
+
+
+def _open_parent_run(spec: SweepSpec, uri: str, experiment: str, name: str):
+    """The sweep's parent MLflow run (resumed by sweep name), with the sweep file attached."""
+    from pipeline.tracking import runs
+
+    tags = {"shike.sweep": name, "shike.kind": "sweep"}
+    parent = runs.RunLogger(uri, runs.start_or_resume_run(uri, experiment, name, tags))
+    text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    parent.client.log_text(parent.run_id, text, "sweep.yaml")
+    return parent
+
+
+def _scheduler(spec: SweepSpec, epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler.type != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=spec.scheduler.grace_period,
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+def _build_tuner(spec: SweepSpec, base: Config, name: str, parent, launch):
+    """A new Tuner for the sweep, or the saved one when this sweep name ran before."""
+    from ray import tune
+
+    from pipeline.distributed import console
+    from pipeline.distributed.train import storage_location
+
+    trainable = tune.with_parameters(
+        _trial_driver,
+        base=base.to_dict(),
+        sweep=spec.model_dump(mode="json") | {"name": name},
+        context={
+            "tracking_uri": launch.tracking_uri,
+            "parent_run_id": parent.run_id,
+            "manifest": launch.manifest,
+        },
+    )
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the driver only waits
+    storage_path, storage_fs = storage_location(base)
+    experiment_path = (
+        os.path.join(storage_path, name) if storage_fs is None else f"{storage_path}/{name}"
+    )
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
+        return tune.Tuner.restore(
+            experiment_path, trainable, resume_errored=True, storage_filesystem=storage_fs
+        )
+    search_alg = None
+    if spec.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=spec.seed)
+    return tune.Tuner(
+        trainable,
+        param_space={k: d.to_tune() for k, d in spec.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            num_samples=spec.num_samples,
+            max_concurrent_trials=max_concurrent(spec, base),
+            scheduler=_scheduler(spec, base.optim.epochs),
+            search_alg=search_alg,
+            reuse_actors=spec.reuse_actors and spec.scheduler.type == "none",
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            # Tune's trial tables: only with --verbose (the trials log their epochs)
+            verbose=None if console.is_verbose() else 0,
+        ),
+    )
+
+
+def _trial_rows(grid, spec: SweepSpec, epochs: int) -> list[dict[str, Any]]:
+    """One row per trial: its parameters, how far it ran, its scores, error and checkpoint."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        iterations = int(metrics.get("training_iteration", 0))
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id", ""),
+                **{k: result.config.get(k) for k in spec.space},
+                "epochs_run": iterations,
+                "stopped_early": iterations < epochs and result.error is None,
+                spec.metric: metrics.get(spec.metric, float("nan")),
+                "val/acc": metrics.get("val/acc", float("nan")),
+                "error": "" if result.error is None else type(result.error).__name__,
+                "checkpoint_path": metrics.get("checkpoint_path", ""),
+            }
+        )
+    return rows
+
+
+def best_trial(
+    rows: list[dict[str, Any]], metric: str, mode: str, epochs: int
+) -> dict[str, Any] | None:
+    """The best trial among those that ran all `epochs` (else among those without an error) by
+    `metric` in `mode` ("max" or "min"); a missing or NaN metric ranks last in both modes.
+    None when every trial failed."""
+    finished = [r for r in rows if r["epochs_run"] == epochs and not r["error"]]
+    candidates = finished or [r for r in rows if not r["error"]]
+    if not candidates:
+        return None
+    sign = 1 if mode == "max" else -1
+
+    def rank(row: dict[str, Any]) -> tuple[bool, float]:
+        value = _finite_or_none(row[metric])
+        return (value is not None, sign * value if value is not None else 0.0)
+
+    return max(candidates, key=rank)
+
+
+def _log_summary(parent, metric: str, summary: dict[str, Any]) -> None:
+    best = summary["best"]
+    score = _finite_or_none(best[metric])
     parent.log_metrics(
         {
-            f"best/{spec.metric}": _rank_value(best[spec.metric]),
+            f"best/{metric}": score if score is not None else float("nan"),
             "trial_epochs_run": summary["trial_epochs_run"],
             "trial_epochs_full": summary["trial_epochs_full"],
         }
     )
-    parent.client.log_text(parent_id, _csv(rows), "sweep_summary.csv")
+    parent.client.log_text(parent.run_id, _csv(summary["trials"]), "sweep_summary.csv")
     parent.log_tags({"shike.best_trial": best["trial_id"]})
 
-    if register and best["checkpoint_path"]:
-        cfg = trial_config(base.to_dict(), {k: best[k] for k in spec.space})
-        trial_run = runs.find_runs(uri, cfg.tracking.experiment, f"{name}-{best['trial_id']}")
-        summary["model_version"] = register_trained_model(
-            ray.train.Checkpoint(best["checkpoint_path"], filesystem=storage_fs),
+
+def _register_best(spec: SweepSpec, base: Config, name: str, best: dict, launch) -> str:
+    """Register the best trial's model from its own child run (what `jobs.train` registers)."""
+    import ray.train
+
+    from pipeline.distributed.train import storage_location
+    from pipeline.tracking import runs
+    from pipeline.tracking.registry import register_trained_model
+
+    cfg = trial_config(base.to_dict(), {k: best[k] for k in spec.space})
+    run_name = f"{name}-{best['trial_id']}"
+    trial_run = runs.find_runs(launch.tracking_uri, cfg.tracking.experiment, run_name)
+    _, storage_fs = storage_location(base)
+    checkpoint = ray.train.Checkpoint(best["checkpoint_path"], filesystem=storage_fs)
+    with checkpoint.as_directory() as directory:
+        return register_trained_model(
+            directory,
             cfg,
-            read_manifest(cfg.data.uri),
+            launch.manifest,
             run_id=trial_run[0].info.run_id,
+            run_name=run_name,
             metrics={"val/acc": best["val/acc"]},
-            tracking_uri=uri,
+            tracking_uri=launch.tracking_uri,
         )
-    parent.finish("FINISHED")
-    return summary
 
 
 def _close_children(uri: str, experiment: str, sweep: str, rows: list[dict], epochs: int) -> None:
@@ -421,13 +464,13 @@ def _close_children(uri: str, experiment: str, sweep: str, rows: list[dict], epo
                 runs.RunLogger(uri, run.info.run_id).finish(status)
 
 
-def _rank_value(value: Any) -> float:
-    """A trial's metric as a float to rank by; missing or NaN ranks last (-inf)."""
+def _finite_or_none(value: Any) -> float | None:
+    """A trial's metric as a float; None when it is missing, not a number, NaN or infinite."""
     try:
         value = float(value)
     except (TypeError, ValueError):
-        return -math.inf
-    return value if math.isfinite(value) else -math.inf
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _csv(rows: list[dict]) -> str:

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 # Ray Data shuffles a worker's rows within a local buffer of decoded images (the shards'
 # training rows are stored shuffled already, and their order is reshuffled per epoch): 1,024
-# CIFAR images take 12 MiB as float32, but at 224 px each is 0.6 MB, so the buffer is capped
-# by bytes.
+# CIFAR images are small, but at 224 px each is 0.6 MB as float32, so the buffer is also
+# capped by bytes.
 LOCAL_SHUFFLE_ROWS = 1024
 LOCAL_SHUFFLE_BYTES = 256 * 2**20
 
@@ -112,7 +112,7 @@ class EvalBatches:
 
     Evaluation splits are neither augmented nor sharded, so every epoch's pass sees the same
     batches; re-running the Ray Data pipeline for each epoch's val pass costs seconds of
-    start-up (7 s an epoch on 2 cores for 36 images), far more than a CIFAR epoch on a GPU.
+    start-up, more than a CIFAR epoch takes on a GPU.
     """
 
     def __init__(
@@ -144,9 +144,7 @@ class EvalBatches:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
-    class_counts: list[int] = loop_config["class_counts"]
-    class_names: list[str] = loop_config["class_names"]
-    eval_splits: list[str] = loop_config["eval_splits"]
+    uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
     quiet_progress()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -158,96 +156,100 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    session = _start_session(cfg, loop_config["class_counts"], device, lead)
+    recorder = None
+    if lead:
+        logger = runs.RunLogger(uri, run_id)
+        recorder = runs.EpochRecorder(
+            logger, loop_config["class_counts"], loop_config["class_names"]
+        )
+    train_batches = TrainBatches(cfg, rank, world, device, first_epoch=session.epoch)
 
+    def split_batches(name: str) -> EvalBatches | None:
+        return EvalBatches.of_split(name) if lead and name in loop_config["eval_splits"] else None
+
+    # The lead worker's machine: CPU, memory, disk, network (and GPUs) as `system/...` metrics.
+    with lineage.system_metrics(uri, run_id, enabled=lead):
+        fit(
+            session,
+            train_batches,
+            val_batches=split_batches("val"),
+            test_batches=split_batches("test"),
+            reduce=lambda stats: _reduce_train_stats(stats, device, session.objective.part_names),
+            on_epoch_end=lambda end: _report(end, session, recorder, lead),
+            log=(lambda line: log.info("[shike] %s", line)) if lead else (lambda line: None),
+        )
+
+
+def _start_session(
+    cfg: Config, class_counts: list[int], device: torch.device, lead: bool
+) -> TrainingSession:
+    """The worker's `TrainingSession` under DDP, fresh or from Ray Train's latest checkpoint."""
     session = TrainingSession(cfg, class_counts, device, wrap=_ddp_wrapper(device))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         session.start(None)
-    else:
-        with checkpoint.as_directory() as directory:
-            session.start(directory)
-        if lead:
-            log.info("[shike] resumed from checkpoint at epoch %d", session.epoch)
+        return session
+    with checkpoint.as_directory() as directory:
+        session.start(directory)
+    if lead:
+        log.info("[shike] resumed from checkpoint at epoch %d", session.epoch)
+    return session
 
-    logger = runs.RunLogger(loop_config["tracking_uri"], loop_config["run_id"]) if lead else None
-    # Steps the MLflow run already holds: epochs logged before a worker group died or a driver
-    # was stopped, after the checkpoint this group resumed from. Replaying them logs nothing, so
-    # the history keeps one value per step (the first run's: a one-worker resume replays them
-    # exactly; with several workers, only which worker read which rows may differ).
-    logged_through = logger.last_step("train/loss") if logger is not None else -1
-    train_shard = ray.train.get_dataset_shard("train")
-    per_worker_batch = max(1, cfg.optim.batch_size // world)  # keep the recipe's global batch
-    first_epoch = session.epoch
 
-    on_device = cfg.data.augments_on_device  # Ray Data delivers uint8 images, augmented here
-    augment = BatchAugment(cfg.data.augment) if on_device else None
+class TrainBatches:
+    """An epoch's training batches of this worker's Ray Data shard: the recipe's global batch
+    split over the workers, shuffled in a local buffer seeded per (seed, epoch, rank), guarded
+    against stalls, and augmented on the device when `data.augment_on` says so."""
 
-    def epoch_batches(epoch: int):
-        seed = epoch_seed(cfg.train.seed, epoch) + rank
-        shuffle_rows = local_shuffle_rows(
-            cfg.data.image_size, per_worker_batch, bytes_per_value=1 if on_device else 4
+    def __init__(
+        self, cfg: Config, rank: int, world: int, device: torch.device, first_epoch: int
+    ) -> None:
+        self.cfg, self.rank, self.device, self.first_epoch = cfg, rank, device, first_epoch
+        self.shard = ray.train.get_dataset_shard("train")
+        self.batch_size = max(1, cfg.optim.batch_size // world)
+        on_device = cfg.data.augments_on_device  # Ray Data delivers uint8 images, augmented here
+        self.augment = BatchAugment(cfg.data.augment) if on_device else None
+        self.shuffle_rows = local_shuffle_rows(
+            cfg.data.image_size, self.batch_size, bytes_per_value=1 if on_device else 4
         )
+
+    def __call__(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+        seed = epoch_seed(self.cfg.train.seed, epoch) + self.rank
         batches = _torch_batches(
-            train_shard,
-            per_worker_batch,
-            local_shuffle_buffer_size=shuffle_rows,
+            self.shard,
+            self.batch_size,
+            local_shuffle_buffer_size=self.shuffle_rows,
             local_shuffle_seed=seed,
         )
-        # Ray Data left without CPUs (a lost node) would keep this worker waiting for 1,800 s
+        # Ray Data left without CPUs (a lost node) would keep this worker waiting for its own
+        # no-progress limit: the stall guard fails it after cluster.stall_timeout_s instead.
         batches = guard_stalls(
             batches,
-            cfg.cluster.stall_timeout_s,
-            f"epoch {epoch + 1} on rank {rank}",
+            self.cfg.cluster.stall_timeout_s,
+            f"epoch {epoch + 1} on rank {self.rank}",
             cluster_summary,
         )
-        if augment is not None:
-            batches = augmented_batches(batches, augment, seed, device)
-        if lead and epoch == first_epoch:
+        if self.augment is not None:
+            batches = augmented_batches(batches, self.augment, seed, self.device)
+        if self.rank == 0 and epoch == self.first_epoch:
             batches = _announce_first(batches)
         return batches
 
-    def report(end: EpochEnd) -> None:
-        metrics = end.metrics()
-        if logger is not None:
-            if end.final and end.val is not None:
-                # per-epoch val/* scalars are logged with their step below; only the artifacts
-                logger.log_evaluation(
-                    "val",
-                    end.val.results,
-                    class_counts,
-                    class_names,
-                    counts=end.val.counts,
-                    scalars=False,
-                )
-            if end.final and end.test is not None:
-                logger.log_evaluation(
-                    "test", end.test.results, class_counts, class_names, counts=end.test.counts
-                )
-            if end.train is not None and end.epoch - 1 > logged_through:
-                # test/* before the last epoch: train.test_from_epoch (scalars only)
-                stepped = ("train/", "val/") if end.final else ("train/", "val/", "test/")
-                per_epoch = {k: v for k, v in metrics.items() if k.startswith(stepped)}
-                logger.log_metrics(per_epoch, step=end.epoch - 1)
-        if not end.checkpoint_due:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            if lead:
-                session.save(tmp)
-            ckpt = ray.train.Checkpoint.from_directory(tmp) if lead else None
-            ray.train.report(metrics, checkpoint=ckpt)
 
-    def split_batches(name: str) -> EvalBatches | None:
-        return EvalBatches.of_split(name) if lead and name in eval_splits else None
-
-    # The lead worker's machine: CPU, memory, disk, network (and GPUs) as `system/...` metrics.
-    with lineage.system_metrics(loop_config["tracking_uri"], loop_config["run_id"], enabled=lead):
-        fit(
-            session,
-            epoch_batches,
-            val_batches=split_batches("val"),
-            test_batches=split_batches("test"),
-            reduce=lambda stats: _reduce_train_stats(stats, device, session.objective.part_names),
-            on_epoch_end=report,
-            log=(lambda line: log.info("[shike] %s", line)) if lead else (lambda line: None),
-        )
+def _report(
+    end: EpochEnd, session: TrainingSession, recorder: runs.EpochRecorder | None, lead: bool
+) -> None:
+    """Log the turn to MLflow (lead worker) and report it to Ray Train, with the checkpoint
+    when one is due (written by the lead worker; the others report none)."""
+    if recorder is not None:
+        recorder.record(end)
+    metrics = end.metrics()
+    if not end.checkpoint_due:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if lead:
+            session.save(tmp)
+        ckpt = ray.train.Checkpoint.from_directory(tmp) if lead else None
+        ray.train.report(metrics, checkpoint=ckpt)

@@ -156,13 +156,39 @@ def evaluate_model(
     check_tracking_server(uri)
 
     # The version first (cheap, clear errors), then the dataset, then the weights.
-    mv = None
+    mv = _registered_version(model_uri, uri)
+    manifest = _checked_manifest(data_uri, split, s3, manifest)
+    classifier, metadata = _load_checked_model(model_uri, mv, manifest, uri)
+    counts = _count_split(
+        classifier,
+        metadata,
+        manifest,
+        split,
+        _describe(model_uri, mv),
+        batch_size=batch_size,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+    )
+    return _build_report(model_uri, mv, split, data_uri, manifest, counts)
+
+
+def _registered_version(model_uri: str, uri: str) -> Any:
+    """The registered model version `model_uri` designates; None for a runs:/ URI whose run
+    registered no version."""
     try:
-        mv = resolve_model_version(model_uri, tracking_uri=uri)
+        return resolve_model_version(model_uri, tracking_uri=uri)
     except RegistryError:
         if not model_uri.startswith("runs:/"):
             raise
         # An unregistered model logged in a run: load_classifier says whether it exists.
+        return None
+
+
+def _checked_manifest(
+    data_uri: str, split: str, s3: S3Options | None, manifest: Manifest | None
+) -> Manifest:
+    """The dataset's manifest (`manifest` when given), once `split` is known to exist, to hold
+    images, and to match its shards."""
     if manifest is None:
         manifest = read_manifest(data_uri, s3)
     if split not in manifest.splits:
@@ -172,7 +198,14 @@ def evaluate_model(
     if manifest.splits[split].num_rows == 0:
         raise EvaluationError(f"split '{split}' of dataset {manifest.uri} has no images")
     verify_dataset(manifest, [s for s in dict.fromkeys(("train", split)) if s in manifest.splits])
+    return manifest
 
+
+def _load_checked_model(
+    model_uri: str, mv: Any, manifest: Manifest, uri: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The classifier and its metadata, once the model is known to have been trained on this
+    dataset and to predict its classes in its order."""
     # Load exactly the resolved version (an alias could move between lookup and load).
     load_uri = model_uri
     if mv is not None and not model_uri.startswith("runs:/"):
@@ -186,10 +219,25 @@ def evaluate_model(
         if not names:
             raise RegistryError(f"{load_uri} carries no class_names metadata")
     check_classes(_describe(model_uri, mv), names, manifest)
+    return classifier, metadata
 
+
+def _count_split(
+    classifier: nn.Module,
+    metadata: Mapping[str, Any],
+    manifest: Manifest,
+    split: str,
+    model_label: str,
+    *,
+    batch_size: int,
+    workers: int,
+    cpus_per_worker: float,
+) -> EvalCounts:
+    """The prediction counts of `split`: loaded whole when its images share one size, else
+    streamed through the model's evaluation crop."""
     if manifest.image.fixed_size:
         data = load_split(manifest, split)
-        counts = count_split_predictions(
+        return count_split_predictions(
             classifier,
             data.images,
             data.labels,
@@ -198,34 +246,60 @@ def evaluate_model(
             workers=workers,
             cpus_per_worker=cpus_per_worker,
         )
-    else:
-        if workers > 1:
-            raise EvaluationError(
-                f"dataset {manifest.uri} holds images of varying size, which are scored in "
-                "this process: use --workers 1"
-            )
-        image_size = int(metadata.get("image_size", 0))
-        if image_size <= 0:
-            raise EvaluationError(f"model {_describe(model_uri, mv)} records no image_size")
-        # The registered model takes uint8 images at its image_size and normalises them
-        # itself: stream the split through the evaluation resize + centre crop alone.
-        stream = ShardStream(manifest, split, evaluation_crop(image_size), train=False)
-        flats = [
-            score_batch(classifier, x.permute(0, 2, 3, 1).numpy(), y.numpy(), manifest.num_classes)
-            for x, y in DataLoader(stream, batch_size=batch_size)
-        ]
-        counts = sum_batch_counts(flats, manifest.num_classes)
-    results = counts.compute(class_counts=manifest.class_counts)
-    source_run = None
+    if workers > 1:
+        raise EvaluationError(
+            f"dataset {manifest.uri} holds images of varying size, which are scored in "
+            "this process: use --workers 1"
+        )
+    return _count_streamed(classifier, metadata, manifest, split, model_label, batch_size)
+
+
+def _count_streamed(
+    classifier: nn.Module,
+    metadata: Mapping[str, Any],
+    manifest: Manifest,
+    split: str,
+    model_label: str,
+    batch_size: int,
+) -> EvalCounts:
+    """The prediction counts of a split of varying-size images, scored in this process."""
+    image_size = int(metadata.get("image_size", 0))
+    if image_size <= 0:
+        raise EvaluationError(f"model {model_label} records no image_size")
+    # The registered model takes uint8 images at its image_size and normalises them
+    # itself: stream the split through the evaluation resize + centre crop alone.
+    stream = ShardStream(manifest, split, evaluation_crop(image_size), train=False)
+    flats = [
+        score_batch(classifier, x.permute(0, 2, 3, 1).numpy(), y.numpy(), manifest.num_classes)
+        for x, y in DataLoader(stream, batch_size=batch_size)
+    ]
+    return sum_batch_counts(flats, manifest.num_classes)
+
+
+def _source_run_id(model_uri: str, mv: Any) -> str | None:
+    """The training run the evaluated model was logged from, when it is known."""
     if mv is not None:
-        source_run = mv.run_id or (mv.tags or {}).get(TAG_RUN_ID)
-    elif model_uri.startswith("runs:/"):
-        source_run = model_uri[len("runs:/") :].split("/", 1)[0]
+        return mv.run_id or (mv.tags or {}).get(TAG_RUN_ID)
+    if model_uri.startswith("runs:/"):
+        return model_uri[len("runs:/") :].split("/", 1)[0]
+    return None
+
+
+def _build_report(
+    model_uri: str,
+    mv: Any,
+    split: str,
+    data_uri: str,
+    manifest: Manifest,
+    counts: EvalCounts,
+) -> EvaluationReport:
+    """The report of `counts`: overall and per-class results, with what was evaluated on what."""
+    results = counts.compute(class_counts=manifest.class_counts)
     return EvaluationReport(
         model_uri=model_uri,
         model_name=mv.name if mv is not None else None,
         version=str(mv.version) if mv is not None else None,
-        source_run_id=source_run,
+        source_run_id=_source_run_id(model_uri, mv),
         split=split,
         data_uri=str(data_uri),
         dataset=manifest.dataset,

@@ -32,6 +32,10 @@ from torch import Tensor
 
 from pipeline.data.longtail import lt_groups
 
+# The scalar results of `EvalCounts.compute`: what the epoch metrics (`split/<key>`), the console
+# and MLflow report of a split (with its `num_samples` where a whole split is logged).
+SCALAR_RESULTS = ("acc", "top5", "acc_many", "acc_medium", "acc_few", "ece")
+
 
 class EvalCounts:
     """Summable evaluation counts: per-class top-1/top-5 hits and sample totals, ECE bins.

@@ -114,22 +114,16 @@ def promote(
     Unless `dry_run`, the decision is recorded as `promotion.*` tags on both versions (not when
     the candidate already is the champion: nothing changes then).
     """
-    if not (isinstance(margin, int | float) and math.isfinite(margin) and margin >= 0):
-        raise EvaluationError(f"margin must be a finite number >= 0, got {margin!r}")
+    _check_margin(margin)
     say = log or (lambda _msg: None)
     warning = split_warning(split)
     if warning:
+        # Here, not in a helper: stacklevel=2 points the warning at promote's caller.
         warnings.warn(warning, UserWarning, stacklevel=2)
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_server(uri)
 
-    candidate = get_alias_version(model_name, CANDIDATE, tracking_uri=uri)
-    if candidate is None:
-        raise RegistryError(
-            f"model '{model_name}' has no '{CANDIDATE}' alias: nothing to promote "
-            f"(a finished training run sets it)"
-        )
-    champion = get_alias_version(model_name, CHAMPION, tracking_uri=uri)
+    candidate, champion = _current_aliases(model_name, uri)
     manifest = read_manifest(data_uri, s3)
 
     def evaluate(version: Any, role: str) -> EvaluationReport:
@@ -146,22 +140,74 @@ def promote(
         )
 
     cand_report = evaluate(candidate, "candidate")
-    cand_score = cand_report.accuracy
     if champion is not None and str(champion.version) == str(candidate.version):
-        return PromotionDecision(
-            model_name=model_name,
-            action="already-champion",
-            candidate_version=str(candidate.version),
-            candidate_score=cand_score,
-            champion_version=str(champion.version),
-            champion_score=cand_score,
-            split=split,
-            margin=float(margin),
-            reason=f"version {candidate.version} is both candidate and champion; nothing to do",
-            dry_run=dry_run,
-            manifest_hash=cand_report.manifest_hash,
-        )
+        return _already_champion(model_name, candidate, cand_report, split, margin, dry_run)
     champ_score = evaluate(champion, "champion").accuracy if champion is not None else None
+    decision = _decide_promotion(
+        model_name, candidate, champion, cand_report, champ_score, split, margin, dry_run
+    )
+    if dry_run:
+        return decision
+    _check_champion_unmoved(model_name, champion, uri)
+    _apply_decision(decision, candidate, uri)
+    return decision
+
+
+def _check_margin(margin: float) -> None:
+    if not (isinstance(margin, int | float) and math.isfinite(margin) and margin >= 0):
+        raise EvaluationError(f"margin must be a finite number >= 0, got {margin!r}")
+
+
+def _current_aliases(model_name: str, uri: str) -> tuple[Any, Any]:
+    """The versions `candidate` and `champion` point at (champion: None when unset)."""
+    candidate = get_alias_version(model_name, CANDIDATE, tracking_uri=uri)
+    if candidate is None:
+        raise RegistryError(
+            f"model '{model_name}' has no '{CANDIDATE}' alias: nothing to promote "
+            f"(a finished training run sets it)"
+        )
+    champion = get_alias_version(model_name, CHAMPION, tracking_uri=uri)
+    return candidate, champion
+
+
+def _already_champion(
+    model_name: str,
+    candidate: Any,
+    cand_report: EvaluationReport,
+    split: str,
+    margin: float,
+    dry_run: bool,
+) -> PromotionDecision:
+    """The decision when one version is both candidate and champion: nothing to compare or
+    write, so it carries no tags."""
+    cand_score = cand_report.accuracy
+    return PromotionDecision(
+        model_name=model_name,
+        action="already-champion",
+        candidate_version=str(candidate.version),
+        candidate_score=cand_score,
+        champion_version=str(candidate.version),
+        champion_score=cand_score,
+        split=split,
+        margin=float(margin),
+        reason=f"version {candidate.version} is both candidate and champion; nothing to do",
+        dry_run=dry_run,
+        manifest_hash=cand_report.manifest_hash,
+    )
+
+
+def _decide_promotion(
+    model_name: str,
+    candidate: Any,
+    champion: Any,
+    cand_report: EvaluationReport,
+    champ_score: float | None,
+    split: str,
+    margin: float,
+    dry_run: bool,
+) -> PromotionDecision:
+    """The rule's decision on two different versions, with the tags that record it."""
+    cand_score = cand_report.accuracy
     action, reason = decide(cand_score, champ_score, float(margin))
     decision = PromotionDecision(
         model_name=model_name,
@@ -176,20 +222,28 @@ def promote(
         dry_run=dry_run,
         manifest_hash=cand_report.manifest_hash,
     )
+    decision.tags = _decision_tags(decision)
+    return decision
+
+
+def _decision_tags(decision: PromotionDecision) -> dict[str, str]:
+    """The `promotion.*` tags written on both versions (the role is added per version)."""
+    champ_score = decision.champion_score
     champ_text = "none" if champ_score is None else f"{champ_score:.6g}"
-    decision.tags = {
-        f"{PROMOTION_PREFIX}decision": action,
+    return {
+        f"{PROMOTION_PREFIX}decision": decision.action,
         f"{PROMOTION_PREFIX}candidate_version": decision.candidate_version,
-        f"{PROMOTION_PREFIX}candidate_score": f"{cand_score:.6g}",
+        f"{PROMOTION_PREFIX}candidate_score": f"{decision.candidate_score:.6g}",
         f"{PROMOTION_PREFIX}champion_version": decision.champion_version or "none",
         f"{PROMOTION_PREFIX}champion_score": champ_text,
-        f"{PROMOTION_PREFIX}split": split,
-        f"{PROMOTION_PREFIX}margin": f"{float(margin):g}",
-        f"{PROMOTION_PREFIX}dataset_manifest_hash": cand_report.manifest_hash,
+        f"{PROMOTION_PREFIX}split": decision.split,
+        f"{PROMOTION_PREFIX}margin": f"{decision.margin:g}",
+        f"{PROMOTION_PREFIX}dataset_manifest_hash": decision.manifest_hash,
         f"{PROMOTION_PREFIX}timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    if dry_run:
-        return decision
+
+
+def _check_champion_unmoved(model_name: str, champion: Any, uri: str) -> None:
     # Another promotion may have moved `champion` while we evaluated: then this comparison is
     # stale, and nothing is written.
     now = get_alias_version(model_name, CHAMPION, tracking_uri=uri)
@@ -198,20 +252,23 @@ def promote(
             f"the '{CHAMPION}' alias of '{model_name}' moved during the evaluation "
             f"(now {'v' + str(now.version) if now else 'unset'}); run the promotion again"
         )
+
+
+def _apply_decision(decision: PromotionDecision, candidate: Any, uri: str) -> None:
+    """Move `champion` when the decision says so, and tag both versions with the decision."""
     # The alias is the source of truth: move it first, then record why on both versions.
     if decision.moves_champion:
-        set_alias(model_name, CHAMPION, candidate.version, tracking_uri=uri)
+        set_alias(decision.model_name, CHAMPION, candidate.version, tracking_uri=uri)
     roles = [(decision.candidate_version, "candidate")]
     if decision.champion_version is not None:
         roles.append((decision.champion_version, "champion"))
     for version, role in roles:
         set_version_tags(
-            model_name,
+            decision.model_name,
             version,
             {**decision.tags, f"{PROMOTION_PREFIX}role": role},
             tracking_uri=uri,
         )
-    return decision
 
 
 def format_decision(decision: PromotionDecision) -> str:

@@ -109,13 +109,14 @@ def per_class_csv(rows: Sequence[dict[str, Any]]) -> str:
 # ---- text ------------------------------------------------------------------------------------
 
 
-def format_percent(value: Any) -> str:
-    """`" 41.25%"` (width 7) for 0.4125; `n/a` for NaN or a non-number."""
+def format_percent(value: Any, width: int = 6) -> str:
+    """`" 41.25%"` for 0.4125 (the number padded to `width`, for tables; 0: `41.25%`); `n/a`
+    for NaN, infinities and non-numbers. The one percent format of consoles and reports."""
     try:
         number = float(value)
     except (TypeError, ValueError):
         return "n/a"
-    return "n/a" if math.isnan(number) else f"{100 * number:6.2f}%"
+    return f"{100 * number:{width}.2f}%" if math.isfinite(number) else "n/a"
 
 
 def format_table(report: EvaluationReport) -> str:

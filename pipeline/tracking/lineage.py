@@ -46,15 +46,19 @@ _ARROW_TO_MLFLOW = {
 }
 
 
+def imbalance_label(factor: float) -> str:
+    """`if100`, `if12p5`: an imbalance factor as model and dataset names carry it (no dot)."""
+    factor = float(factor)
+    return "if" + (str(int(factor)) if factor.is_integer() else f"{factor:g}".replace(".", "p"))
+
+
 def dataset_name(manifest: Any, split: str) -> str:
     """`cifar10-lt-if100-train`: the dataset, its imbalance factor when the long-tailed subset
     was drawn by us (CIFAR-style), and the split; `imagenet-lt-val` for the benchmarks that
     ship their own long-tailed lists."""
     base = str(manifest.dataset).replace("_", "-")
     if getattr(manifest, "selection", None) is not None:
-        factor = float(manifest.imbalance_factor)
-        text = str(int(factor)) if factor.is_integer() else f"{factor:g}".replace(".", "p")
-        base += f"-lt-if{text}"
+        base += f"-lt-{imbalance_label(manifest.imbalance_factor)}"
     return f"{base}-{split}"
 
 

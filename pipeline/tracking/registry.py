@@ -36,8 +36,10 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.credentials import redact_uri
+from pipeline.data.readers.transforms import normalization
+from pipeline.evaluation.reports import format_percent
 from pipeline.models import ImageClassifier
-from pipeline.tracking.lineage import dataset_location
+from pipeline.tracking.lineage import dataset_location, imbalance_label
 from pipeline.tracking.runs import (
     TAG_CONFIG_HASH,
     TAG_MANIFEST_HASH,
@@ -58,6 +60,7 @@ from pipeline.tracking.versions import (
     is_missing,
     pinned_model_uri,
 )
+from pipeline.training.checkpoint import load_trained_model
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -104,23 +107,13 @@ def model_name_for(cfg: Config) -> str:
         return cfg.tracking.model_name
     if cfg.data.dataset in BENCHMARK_NAMES:  # long-tailed by their own lists: no IF to name
         return f"shike-{BENCHMARK_NAMES[cfg.data.dataset]}-{cfg.model.arch.removeprefix('shike_')}"
-    factor = cfg.data.imbalance_factor
-    text = str(int(factor)) if float(factor).is_integer() else f"{factor:g}".replace(".", "p")
-    name = f"shike-{cfg.data.dataset}-lt-if{text}"
+    name = f"shike-{cfg.data.dataset}-lt-{imbalance_label(cfg.data.imbalance_factor)}"
     if cfg.model.arch != "shike_resnet32":
         name += "-" + cfg.model.arch.replace("_", "-")
     return name
 
 
 # ---- descriptions ------------------------------------------------------------------------------
-
-
-def _percent(value: Any) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{100 * number:.2f}%" if math.isfinite(number) else "n/a"
 
 
 def _metric(metrics: Mapping[str, Any], split: str, key: str) -> Any:
@@ -132,11 +125,11 @@ def _scores_line(label: str, metrics: Mapping[str, Any], split: str) -> str | No
     if _metric(metrics, split, "acc") is None:
         return None
     groups = " / ".join(
-        f"{group} {_percent(_metric(metrics, split, f'acc_{group}'))}"
+        f"{group} {format_percent(_metric(metrics, split, f'acc_{group}'), width=0)}"
         for group in ("many", "medium", "few")
         if _metric(metrics, split, f"acc_{group}") is not None
     )
-    line = f"**{label}**: top-1 {_percent(_metric(metrics, split, 'acc'))}"
+    line = f"**{label}**: top-1 {format_percent(_metric(metrics, split, 'acc'), width=0)}"
     if groups:
         line += f"; {groups}"
     ece = _metric(metrics, split, "ece")
@@ -276,7 +269,7 @@ def log_and_register(
     `description` (Markdown, e.g. `version_description`; URI passwords masked); `alias`
     (default `candidate`, None for none) is moved to it. `dataset` (the training manifest's
     `dataset`) goes into the metadata so that evaluation refuses data of another dataset
-    (`evaluation.check_dataset`); without it only the class names are compared. Returns the
+    (`evaluate.check_dataset`); without it only the class names are compared. Returns the
     version as stored.
     """
     uri = resolve_tracking_uri(tracking_uri)
@@ -288,16 +281,8 @@ def log_and_register(
         if not is_missing(exc):
             raise
         raise RegistryError(f"no MLflow run {run_id} at {redact_uri(uri)}") from exc
-
     names = [str(c) for c in class_names]
-    if isinstance(model, ImageClassifier):
-        classifier = copy.deepcopy(model).cpu().eval()
-    else:
-        net = copy.deepcopy(_unwrap(model)).cpu().eval()
-        classifier = ImageClassifier(net, mean, std, names).eval()
-    if list(classifier.class_names) != names:
-        raise RegistryError("the classifier's class_names differ from the class_names given")
-
+    classifier = _classifier(model, names, mean, std)
     example = example_images(2, image_size)
     with torch.no_grad():
         probs = classifier(torch.from_numpy(example)).numpy()
@@ -305,7 +290,49 @@ def log_and_register(
         raise RegistryError(
             f"model outputs shape {probs.shape[1:]} per image, but {len(names)} class names given"
         )
-    signature = infer_signature(example, probs)
+    metadata = _metadata(names, mean, std, image_size, dataset)
+    # The run's own identity tags (run name, config and data hashes) follow it to the version.
+    version_tags = {TAG_RUN_ID: run_id, **_metric_tags(metrics)}
+    version_tags.update({k: run.data.tags[k] for k in _RUN_TAGS_KEPT if k in run.data.tags})
+    version_tags = checked_tags(version_tags, "model version tag")
+    if description is not None:
+        description = checked_value("model version", "description", description)
+    with mlflow_uris(uri):
+        model_uri = _log_model(client, run, classifier, example, probs, metadata)
+        mv = mlflow.register_model(model_uri, name, tags=version_tags)
+    if description:
+        client.update_model_version(name, mv.version, description=description)
+    if not client.get_registered_model(name).description:  # a user's own text is kept
+        client.update_registered_model(name, description=MODEL_DESCRIPTION)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return client.get_model_version(name, mv.version)
+
+
+_RUN_TAGS_KEPT = (TAG_RUN_NAME, TAG_CONFIG_HASH, TAG_MANIFEST_HASH)
+
+
+def _classifier(
+    model: nn.Module, names: list[str], mean: Sequence[float], std: Sequence[float]
+) -> ImageClassifier:
+    """A CPU copy of `model` as the served `ImageClassifier` (normalisation baked in)."""
+    if isinstance(model, ImageClassifier):
+        classifier = copy.deepcopy(model).cpu().eval()
+    else:
+        net = copy.deepcopy(_unwrap(model)).cpu().eval()
+        classifier = ImageClassifier(net, mean, std, names).eval()
+    if list(classifier.class_names) != names:
+        raise RegistryError("the classifier's class_names differ from the class_names given")
+    return classifier
+
+
+def _metadata(
+    names: list[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int,
+    dataset: str | None,
+) -> dict[str, Any]:
     metadata = {
         "class_names": names,
         "num_classes": len(names),
@@ -317,14 +344,20 @@ def log_and_register(
     }
     if dataset is not None:
         metadata["dataset"] = str(dataset)
-    version_tags = {TAG_RUN_ID: run_id, **_metric_tags(metrics)}
-    for key in (TAG_RUN_NAME, TAG_CONFIG_HASH, TAG_MANIFEST_HASH):
-        if key in run.data.tags:
-            version_tags[key] = run.data.tags[key]
-    version_tags = checked_tags(version_tags, "model version tag")
-    if description is not None:
-        description = checked_value("model version", "description", description)
+    return metadata
 
+
+def _log_model(
+    client: MlflowClient,
+    run: Any,
+    classifier: ImageClassifier,
+    example: np.ndarray,
+    probs: np.ndarray,
+    metadata: dict[str, Any],
+) -> str:
+    """Log the classifier as the run's model (with the model code and class names beside it);
+    its model URI. Call inside `mlflow_uris`."""
+    run_id = run.info.run_id
     # The LoggedModel is created explicitly in the run's experiment: MLflow's fluent helper
     # would otherwise pick the process's "current" experiment (Default, or $MLFLOW_EXPERIMENT_ID).
     logged = client.create_logged_model(
@@ -333,29 +366,56 @@ def log_and_register(
     with tempfile.TemporaryDirectory(prefix="shike-model-") as tmp:
         code_dir = _bundle_model_code(Path(tmp) / "code")
         names_file = Path(tmp) / CLASS_NAMES_FILE
-        names_file.write_text(json.dumps(names, indent=1) + "\n")
-        with mlflow_uris(uri):
-            info = mlflow.pytorch.log_model(
-                classifier,
-                name=MODEL_ARTIFACT_NAME,
-                model_id=logged.model_id,
-                run_id=run_id,
-                signature=signature,
-                input_example=example,
-                metadata=metadata,
-                code_paths=[str(code_dir)],
-                extra_files=[str(names_file)],
-                pip_requirements=_pip_requirements(),
-                serialization_format=SERIALIZATION_FORMAT,
-            )
-            mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
-    if description:
-        client.update_model_version(name, mv.version, description=description)
-    if not client.get_registered_model(name).description:  # a user's own text is kept
-        client.update_registered_model(name, description=MODEL_DESCRIPTION)
-    if alias:
-        client.set_registered_model_alias(name, alias, mv.version)
-    return client.get_model_version(name, mv.version)
+        names_file.write_text(json.dumps(metadata["class_names"], indent=1) + "\n")
+        info = mlflow.pytorch.log_model(
+            classifier,
+            name=MODEL_ARTIFACT_NAME,
+            model_id=logged.model_id,
+            run_id=run_id,
+            signature=infer_signature(example, probs),
+            input_example=example,
+            metadata=metadata,
+            code_paths=[str(code_dir)],
+            extra_files=[str(names_file)],
+            pip_requirements=_pip_requirements(),
+            serialization_format=SERIALIZATION_FORMAT,
+        )
+    return info.model_uri
+
+
+def register_trained_model(
+    checkpoint_dir: str | Path,
+    cfg: Config,
+    manifest: Manifest,
+    *,
+    run_id: str,
+    run_name: str,
+    metrics: dict[str, Any],
+    tracking_uri: str,
+) -> str:
+    """Register the model of a training checkpoint (a local folder) from its MLflow run, with
+    alias `candidate`; the version. Its signature takes the images the model was trained on:
+    the dataset's own size (CIFAR-style), else data.image_size (ImageNet-style datasets, whose
+    sizes vary: callers resize and centre-crop first, `transforms.evaluation_crop`). The
+    version's description states the recipe, the data and the test scores in `metrics`
+    (`version_description`). The one registration of training runs and sweeps."""
+    model = load_trained_model(checkpoint_dir, cfg, manifest.num_classes)
+    mean, std = normalization(cfg.data.augment)
+    image_size = manifest.image_shape[0] if manifest.image.fixed_size else cfg.data.image_size
+    version = log_and_register(
+        run_id,
+        model,
+        list(manifest.class_names),
+        model_name_for(cfg),
+        mean=mean,
+        std=std,
+        image_size=image_size,
+        metrics={k.replace("/", "_"): v for k, v in metrics.items()},
+        tracking_uri=tracking_uri,
+        dataset=manifest.dataset,
+        description=version_description(cfg, manifest, metrics, run_name=run_name),
+    )
+    return str(version.version)
 
 
 # ---- loading ---------------------------------------------------------------------------------

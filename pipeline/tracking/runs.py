@@ -40,6 +40,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import EXECUTION_SETTINGS
 from pipeline.credentials import redact_uri
 from pipeline.evaluation import plots
+from pipeline.evaluation.metrics import SCALAR_RESULTS
 from pipeline.evaluation.reports import per_class_csv, per_class_rows
 from pipeline.tracking.lineage import dataset_inputs
 from pipeline.tracking.store import (
@@ -57,6 +58,7 @@ from pipeline.tracking.store import (  # part of this module's API: jobs and the
 if TYPE_CHECKING:
     from pipeline.config import Config
     from pipeline.evaluation.metrics import EvalCounts
+    from pipeline.training.fit import EpochEnd
 
 # Tag keys written by the pipeline.
 TAG_RUN_NAME = "shike.run_name"  # the stable key a relaunch finds its MLflow run by
@@ -241,7 +243,7 @@ def _float_if_finite(value: Any) -> float | None:
 class RunLogger:
     """Logs into an existing run by id (see `start_or_resume_run`); safe to construct anywhere."""
 
-    SCALAR_KEYS = ("acc", "top5", "ece", "acc_many", "acc_medium", "acc_few", "num_samples")
+    SCALAR_KEYS = (*SCALAR_RESULTS, "num_samples")  # a whole split's scalars
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri = uri
@@ -400,3 +402,44 @@ class RunLogger:
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
         self.client.set_terminated(self.run_id, status=status)
+
+
+class EpochRecorder:
+    """What a training run logs at the end of each `fit` turn, with one value per step.
+
+    Per epoch: the `train/*`, `val/*` (and, from `train.test_from_epoch`, `test/*`) scalars at
+    step = epoch index. At the end: the val split's artifacts (its scalars are already in the
+    per-epoch history) and the test split's scalars and artifacts. Epochs the run already
+    holds, logged by a launch or worker group that died after the checkpoint this one resumed
+    from, are not logged again: the history keeps the first value of each step (a one-worker
+    resume replays them exactly; with several workers only which worker read which rows may
+    differ).
+    """
+
+    def __init__(
+        self, logger: RunLogger, class_counts: Sequence[int], class_names: Sequence[str]
+    ) -> None:
+        self.logger = logger
+        self.class_counts = list(class_counts)
+        self.class_names = list(class_names)
+        self.logged_through = logger.last_step("train/loss")
+
+    def record(self, end: EpochEnd) -> None:
+        if end.final and end.val is not None:
+            self._log_split("val", end.val, scalars=False)
+        if end.final and end.test is not None:
+            self._log_split("test", end.test, scalars=True)
+        if end.train is not None and end.epoch - 1 > self.logged_through:
+            stepped = ("train/", "val/") if end.final else ("train/", "val/", "test/")
+            per_epoch = {k: v for k, v in end.metrics().items() if k.startswith(stepped)}
+            self.logger.log_metrics(per_epoch, step=end.epoch - 1)
+
+    def _log_split(self, split: str, evaluation: Any, *, scalars: bool) -> None:
+        self.logger.log_evaluation(
+            split,
+            evaluation.results,
+            self.class_counts,
+            self.class_names,
+            counts=evaluation.counts,
+            scalars=scalars,
+        )

@@ -16,8 +16,10 @@ containing a credential from the environment, and mask passwords inside URIs.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -68,14 +70,29 @@ def sqlite_artifact_root(uri: str) -> Path | None:
 # ---- does it answer --------------------------------------------------------------------------
 
 
+# A server that answered this recently is not probed again: one job's steps (open the run,
+# resolve a version, register) each guard their first MLflow call, and should reach the
+# server's /health once between them, not once each.
+HEALTHY_FOR_S = 60.0
+_answered_at: dict[str, float] = {}
+
+
 def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, within `timeout_s`, when an http(s) tracking server does not answer.
 
     MLflow's own client retries an unreachable server with back-off for minutes; this probe
-    (GET <uri>/health) turns that into one clear error. SQLite / file stores: no-op.
+    (GET <uri>/health) turns that into one clear error. SQLite / file stores: no-op. A server
+    that answered within `HEALTHY_FOR_S` is taken as up.
     """
     if not uri.startswith(("http://", "https://")):
         return
+    if time.monotonic() - _answered_at.get(uri, -math.inf) < HEALTHY_FOR_S:
+        return
+    _probe_health(uri, timeout_s)
+    _answered_at[uri] = time.monotonic()
+
+
+def _probe_health(uri: str, timeout_s: float) -> None:
     url = uri.rstrip("/") + "/health"
     # Userinfo in the URL would be sent by urllib as part of the host: strip it for the probe.
     parts = urllib.parse.urlsplit(url)

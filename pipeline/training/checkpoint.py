@@ -17,7 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from pipeline.config import Config
+from pipeline.models import build_model
 from pipeline.storage import display, read_bytes, resolve
 
 CHECKPOINT_FILE = "state.pt"
@@ -123,3 +126,13 @@ def load_pretrained_weights(uri: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"model.pretrained: {display(fs, path)} is not a state dict")
     return state
+
+
+def load_trained_model(directory: str | os.PathLike, cfg: Config, num_classes: int) -> nn.Module:
+    """The trained model of the checkpoint in `directory` (written under `cfg`'s recipe), in
+    its final stage, on CPU, in eval mode."""
+    state = load_checkpoint(directory, expected_recipe=cfg.recipe())
+    model = build_model(cfg.model, num_classes)
+    model.load_state_dict(state["model"])
+    model.set_stage(int(state["stage"]))
+    return model.eval()

@@ -8,8 +8,9 @@ and hands an `EpochEnd` to the driver, which saves or reports the checkpoint whe
 `checkpoint_due` says so. What differs between drivers is passed in:
 
 - the Ray-free engine (pipeline.training.engine): torch DataLoaders, checkpoints in a local folder;
-- the Ray Train worker (pipeline.distributed.train): Ray Data batches, the DDP-wrapped model,
-  `reduce` averaging the epoch's statistics over workers, `ray.train.report` and MLflow.
+- the Ray Train worker (pipeline.distributed.worker): Ray Data batches, the DDP-wrapped model,
+  `reduce` averaging the epoch's statistics over workers, `ray.train.report` and MLflow
+  (`pipeline.tracking.runs.EpochRecorder`).
 
 A run resumed after its last epoch trains nothing: the loop makes one turn with `train=None`
 that evaluates and reports the finished model, so a driver always sees a final `EpochEnd`.
@@ -22,10 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.evaluation.metrics import EvalCounts
+from pipeline.evaluation.metrics import SCALAR_RESULTS, EvalCounts
+from pipeline.evaluation.reports import format_percent
 from pipeline.training.session import Batches, TrainingSession
-
-SCALAR_RESULTS = ("acc", "top5", "acc_many", "acc_medium", "acc_few", "ece")
 
 
 @dataclass
@@ -182,8 +182,7 @@ def format_epoch_line(
 
 def format_results(split: str, results: dict[str, Any]) -> str:
     def pct(key: str) -> str:
-        v = results.get(key, float("nan"))
-        return "n/a" if v != v else f"{100 * v:.2f}%"
+        return format_percent(results.get(key), width=0)
 
     return (
         f"{split}: top-1 {pct('acc')} | top-5 {pct('top5')} | many {pct('acc_many')} | "

@@ -3,7 +3,7 @@
 `train_one_epoch` and `evaluate` are pure functions of their arguments. `TrainingSession` holds
 the mutable state (model, optimizer, scaler, epoch, stage), performs the stage switch and
 round-trips through a complete checkpoint dict. Both drivers use it: the Ray-free engine
-(pipeline.training.engine) and the Ray Train worker (pipeline.distributed.train), which wraps the model
+(pipeline.training.engine) and the Ray Train worker (pipeline.distributed.worker), which wraps the model
 in DDP through `wrap`; the epoch loop around it is pipeline.training.fit.
 """
 
@@ -35,6 +35,12 @@ from pipeline.training.cuda_graph_step import CapturedTrainStep
 from pipeline.training.schedule import lr_at, stage_of
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+# The captured step replays one process's kernels: DDP's collectives cannot be in it.
+ENGINE_ONLY_GRAPHS = (
+    "train.cuda_graphs is supported by the Ray-free engine only "
+    "(python -m pipeline.training.engine)"
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -216,7 +222,7 @@ class TrainingSession:
         # Off CUDA the same static-buffer step runs uncaptured.
         self.cuda_graphs = cfg.train.cuda_graphs
         if self.cuda_graphs and wrap is not None:
-            raise ConfigError("train.cuda_graphs is supported by the Ray-free engine only")
+            raise ConfigError(ENGINE_ONLY_GRAPHS)
         self.wrap = wrap or (lambda m: m)
         self._captured: CapturedTrainStep | None = None
         torch.manual_seed(cfg.train.seed)  # model init is a function of the seed only

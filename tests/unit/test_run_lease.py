@@ -21,7 +21,7 @@ from pipeline.storage import s3_client
 def _die_holding(storage: str, run_name: str) -> int:
     """Acquire the lease in a child process that is then killed (SIGKILL: no release); its pid."""
     code = (
-        "import os, signal, sys; from pipeline import run_lease; "
+        "import os, signal, sys; from pipeline.distributed import run_lease; "
         f"run_lease.acquire({storage!r}, {run_name!r}, ttl_s=3600); "
         "print(os.getpid(), flush=True); os.kill(os.getpid(), signal.SIGKILL)"
     )

@@ -511,6 +511,38 @@ def test_check_tracking_server_silent_server_times_out():
     assert "user:***@127.0.0.1" in str(info.value) and "pw@" not in str(info.value)
 
 
+def test_a_server_that_answered_is_probed_once_per_minute(monkeypatch):
+    import http.server
+    import threading
+
+    from pipeline.tracking import store as tracking_store
+
+    probes = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            probes.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for _ in range(3):  # one job's steps, each guarding its first call
+            runs.check_tracking_server(uri, timeout_s=3)
+        assert probes == ["/health"]
+        monkeypatch.setattr(tracking_store, "HEALTHY_FOR_S", 0.0)  # the minute has passed
+        runs.check_tracking_server(uri, timeout_s=3)
+        assert probes == ["/health", "/health"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_check_tracking_server_noop_for_local_stores(store):
     runs.check_tracking_server(store, timeout_s=0.1)
     runs.check_tracking_server("file:///tmp/nowhere", timeout_s=0.1)

@@ -26,6 +26,7 @@ import torch
 from pipeline.data import DataError
 from pipeline.data.codec import decode_images, decode_rgb
 from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest, as_manifest
+from pipeline.data.readers.ray_progress import RAY_DATA_BARS_OFF_NOTICE
 from pipeline.data.readers.transforms import (
     apply_to_batch,
     build_transform,
@@ -38,8 +39,8 @@ from pipeline.storage import S3Options
 
 COLUMNS = ["image", "label", "sample_id"]  # the id keys each image's augmentation seed
 # Rows per `map_batches` call. Source images leave it as float32 at image_size: 64 of them at
-# 224 px make a 38 MB block (256 would exceed Ray Data's 128 MiB target block size) and about
-# 0.15 s of one core's work, so the first batch does not wait for a long task.
+# 224 px make a 38 MB block (256 would exceed Ray Data's 128 MiB target block size), and a task
+# this small is short, so the first batch does not wait for a long task.
 PNG_TASK_ROWS = 256
 SOURCE_TASK_ROWS = 64
 
@@ -116,10 +117,10 @@ def _parquet_reader_v1() -> Iterator[None]:
     datasets made here and the caller's own context is restored. Why V1: the V2 reader (Ray
     2.60's default) reads a shard as one block, which `map_batches` then augments in one task
     that emits its output only at the end, and every execution (every epoch) waits for it;
-    its file listing also stalls for seconds per execution. V1 hands the shard on in blocks
-    of a few hundred rows. On CIFAR-10-LT IF100 (one 27 MB training shard, 2 cores) the
-    training step waited 32.9 s for each epoch's first batch with V2, 4.1 s with V1
-    (BENCHMARKS.md, pipeline efficiency).
+    its file listing also stalls on every execution. V1 hands the shard on in blocks of a few
+    hundred rows, so the augmentation runs in many tasks and batches reach the trainer as they
+    are made (the first-batch wait with each reader: bench/HISTORY.md, the V1 reader fix of
+    commit 68c1531).
     """
     ctx = ray.data.DataContext.get_current()
     before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
@@ -193,7 +194,7 @@ def quiet_progress() -> None:
     ctx.enable_operator_progress_bars = False
     # Ray Data warns once per process that the bars are off ("Progress bars disabled. To
     # enable, ..."): they are off on purpose, so that notice is marked as given.
-    log_once("ray_data_progress_manager_disabled")
+    log_once(RAY_DATA_BARS_OFF_NOTICE)
 
 
 def training_datasets(

@@ -149,7 +149,7 @@ class ImageArrayDataset(Dataset):
         with nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
             # The transforms draw from the CPU generator only. `torch.manual_seed` would also
             # queue a lazy CUDA seeding, which records a Python stack trace on every call where
-            # CUDA is not initialised (loader workers): ~90 us an image, as much as the whole
+            # CUDA is not initialised (loader workers): per image, as costly as the whole
             # augmentation.
             torch.default_generator.manual_seed(seed)
             return self.transform(image), self.labels[i]
