@@ -36,7 +36,7 @@ def ray_temp_dir(tag: str) -> Path:
 def prepare_cifar10_lt(output: str, head_images: int, held_out_per_class: int, **kwargs):
     """A small CIFAR-10-LT (imbalance factor 100, `head_images` in the head class) prepared from
     $CIFAR10_DIR into `output`, `held_out_per_class` val and test images a class; its Manifest."""
-    from pipeline.data.shards import prepare_dataset
+    from pipeline.data.prepare.from_raw import prepare_dataset
 
     return prepare_dataset(
         "cifar10", cifar10_source(), output, 100.0, n_max=head_images,

@@ -46,9 +46,10 @@ def main() -> None:
     import torch
 
     from pipeline.config import load_config
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.prepare.from_raw import prepare_dataset
     from pipeline.data.readers.ray_reader import quiet_progress, split_dataset
     from pipeline.data.readers.torch_reader import load_prepared, make_loader
-    from pipeline.data.shards import prepare_dataset, read_manifest
     from pipeline.storage import S3Options, create_bucket
     from tests.helpers.s3_server import FAKE_CREDENTIALS, MotoServer
 

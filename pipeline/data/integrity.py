@@ -1,7 +1,7 @@
 """Does a prepared dataset's manifest tell the truth about its shards? A cheap, Ray-free check
 for the drivers to run before anything starts (training, sweeps, evaluation).
 
-    manifest = verify_dataset("s3://bucket/cifar100-lt-if100")          # every split
+    manifest = verify_dataset(read_manifest("s3://bucket/cifar100-lt-if100"))  # every split
     manifest = verify_dataset(manifest, splits=("train", "val"))
 
 The manifest's `class_counts` are what training turns into class priors (balanced softmax,
@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 
 from pipeline.data import IntegrityError
 from pipeline.data.longtail import lt_groups
-from pipeline.data.manifest import Manifest, ShardInfo, as_manifest
-from pipeline.storage import S3Options, display, join, storage_error
+from pipeline.data.manifest import Manifest, ShardInfo
+from pipeline.storage import display, join, storage_error
 
 _REPREPARE = "re-run jobs.prepare_data to publish the dataset again"
 
@@ -115,13 +115,8 @@ def _check_groups(manifest: Manifest) -> None:
         )
 
 
-def verify_dataset(
-    uri_or_manifest: str | Manifest,
-    splits: Sequence[str] | None = None,
-    s3: S3Options | None = None,
-) -> Manifest:
-    """Read the manifest at `uri_or_manifest` (or take one already read) and check it against
-    the labels of its shards; returns the manifest.
+def verify_dataset(manifest: Manifest, splits: Sequence[str] | None = None) -> Manifest:
+    """Check a manifest (`read_manifest`) against the labels of its shards; returns it.
 
     `splits`: which splits to count (each must be in the manifest); None: every split it lists.
     The training priors (`class_counts`) and the class groups are checked whenever "train" is
@@ -130,7 +125,6 @@ def verify_dataset(
     Raises IntegrityError (a DataError) naming the split, the class and both counts, or the
     shard; StorageError when the store cannot be read. Needs neither Ray nor MLflow.
     """
-    manifest = as_manifest(uri_or_manifest, s3)
     names = list(manifest.splits) if splits is None else list(splits)
     cache: dict[str, list[int]] = {}
     for split in names:

@@ -369,10 +369,3 @@ def read_manifest(uri: str, s3: S3Options | None = None) -> Manifest:
             )
     manifest.uri, manifest.filesystem, manifest.root = str(uri), fs, root
     return manifest
-
-
-def as_manifest(uri_or_manifest: str | Manifest, s3: S3Options | None = None) -> Manifest:
-    """The manifest itself, or the one read from the URI."""
-    if isinstance(uri_or_manifest, Manifest):
-        return uri_or_manifest
-    return read_manifest(uri_or_manifest, s3)

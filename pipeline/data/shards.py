@@ -27,16 +27,9 @@ import pyarrow.parquet as pq
 from pipeline.data import IntegrityError, SourceFormatError
 from pipeline.data.codec import decode_images
 from pipeline.data.longtail import class_counts_of
-from pipeline.data.manifest import (
-    TRAIN_ROW_ORDER,
-    Manifest,
-    ShardInfo,
-    as_manifest,
-    read_manifest,
-)
-from pipeline.data.prepare.from_raw import prepare_dataset
+from pipeline.data.manifest import Manifest, ShardInfo
 from pipeline.data.sources.raw import RawSplit
-from pipeline.storage import S3Options, display, join, read_bytes
+from pipeline.storage import display, join, read_bytes
 
 
 def _schema_text(schema: pa.Schema) -> str:
@@ -78,31 +71,22 @@ def read_shard(manifest: Manifest, shard: ShardInfo) -> pa.Table:
     return table
 
 
-def verify_split(
-    uri_or_manifest: str | Manifest, split: str, s3: S3Options | None = None
-) -> Manifest:
+def verify_split(m: Manifest, split: str) -> Manifest:
     """Check every shard of a split (reads each once); use before handing paths to Ray Data."""
-    m = as_manifest(uri_or_manifest, s3)
     for shard in m.split_info(split).shards:
         read_shard(m, shard)
     return m
 
 
-def read_split_table(
-    uri_or_manifest: str | Manifest, split: str, s3: S3Options | None = None
-) -> pa.Table:
+def read_split_table(m: Manifest, split: str) -> pa.Table:
     """All verified shards of a split as one Arrow table (images still PNG-encoded)."""
-    m = as_manifest(uri_or_manifest, s3)
     tables = [read_shard(m, s) for s in m.split_info(split).shards]
     return pa.concat_tables(tables) if tables else m.arrow_schema.empty_table()
 
 
-def load_split(
-    uri_or_manifest: str | Manifest, split: str, s3: S3Options | None = None
-) -> RawSplit:
+def load_split(m: Manifest, split: str) -> RawSplit:
     """A split decoded to uint8 pixels (RawSplit: images, labels, sample_ids, coarse_labels),
     every shard verified first; the label histogram must match the manifest's class_counts."""
-    m = as_manifest(uri_or_manifest, s3)
     info = m.split_info(split)
     table = read_split_table(m, split)
     labels = table.column("label").to_numpy().astype(np.int64)
@@ -128,22 +112,13 @@ def load_split(
     return RawSplit(images=images, labels=labels, sample_ids=ids, coarse_labels=coarse)
 
 
-def shard_files(
-    uri_or_manifest: str | Manifest, split: str, s3: S3Options | None = None
-) -> tuple[pafs.FileSystem, list[str]]:
+def shard_files(m: Manifest, split: str) -> tuple[pafs.FileSystem, list[str]]:
     """(pyarrow filesystem, shard paths) of a split, e.g. for `ray.data.read_parquet(paths,
     filesystem=fs)`; the shards are not read here (call `verify_split` to check them)."""
-    m = as_manifest(uri_or_manifest, s3)
     return m.filesystem, m.shard_paths(split)
 
 
 __all__ = [
-    # re-exported: imported from here by the readers, jobs, benchmarks and tests
-    "TRAIN_ROW_ORDER",
-    "Manifest",
-    "prepare_dataset",
-    "read_manifest",
-    # this module
     "load_split",
     "read_shard",
     "read_split_table",

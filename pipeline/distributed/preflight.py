@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipeline.config import Config
 from pipeline.data.integrity import verify_dataset
-from pipeline.data.manifest import Manifest
+from pipeline.data.manifest import Manifest, read_manifest
 from pipeline.distributed import run_lease
 from pipeline.tracking.store import check_tracking_server, resolve_tracking_uri
 from pipeline.training.session import ENGINE_ONLY_GRAPHS
@@ -42,7 +42,7 @@ def preflight(
         raise error(ENGINE_ONLY_GRAPHS)
     # The manifest's checksum, and its class counts against the labels in the shards: wrong
     # counts would train wrong class priors.
-    manifest = verify_dataset(cfg.data.uri)
+    manifest = verify_dataset(read_manifest(cfg.data.uri))
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_server(uri)
     try:

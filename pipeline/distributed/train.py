@@ -149,7 +149,7 @@ def open_tracked_run(
     """Datasets from the manifest (cfg.data.uri's, already read), the run's MLflow run (created
     or resumed by run name; config, manifest and the splits read as dataset inputs logged) and
     the per-worker loop config: (datasets, logger, loop_config)."""
-    _, datasets = training_datasets(
+    datasets = training_datasets(
         manifest,
         cfg.data.augment,
         cfg.train.seed,

@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.data import DataError
 from pipeline.data.integrity import verify_dataset
+from pipeline.data.manifest import Manifest, read_manifest
 from pipeline.data.readers.stream_reader import ShardStream
 from pipeline.data.readers.transforms import evaluation_crop
-from pipeline.data.shards import Manifest, load_split, read_manifest
+from pipeline.data.shards import load_split
 from pipeline.evaluation.reports import EvaluationReport, per_class_rows
 from pipeline.evaluation.scoring import (
     EvaluationError,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pipeline.data.shards import read_manifest
+from pipeline.data.manifest import read_manifest
 from pipeline.evaluation.evaluate import evaluate_model
 from pipeline.evaluation.reports import EvaluationReport, format_percent
 from pipeline.evaluation.scoring import EvaluationError

@@ -18,7 +18,7 @@ from pipeline.data.longtail import FEW_MAX_EXCLUSIVE, MANY_MIN_EXCLUSIVE, lt_gro
 from pipeline.evaluation.metrics import EvalCounts
 
 if TYPE_CHECKING:
-    from pipeline.data.shards import Manifest
+    from pipeline.data.manifest import Manifest
 
 
 @dataclass

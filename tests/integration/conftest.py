@@ -153,7 +153,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def tiny_dataset(tmp_path_factory):
     """CIFAR-10-LT shards of generated images (IF 4, 40 head images, 4 val and 6 test per
     class), shared read-only by the jobs.train tests."""
-    from pipeline.data.shards import prepare_dataset
+    from pipeline.data.prepare.from_raw import prepare_dataset
     from tests.helpers.cifar_archives import write_parquet_folder
 
     base = tmp_path_factory.mktemp("tiny")

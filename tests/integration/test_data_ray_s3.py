@@ -34,8 +34,10 @@ def test_two_train_workers_cover_the_s3_split_once_per_epoch(ray_cluster, own_s3
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.prepare.from_raw import prepare_dataset
     from pipeline.data.readers.ray_reader import split_dataset
-    from pipeline.data.shards import load_split, prepare_dataset, read_manifest
+    from pipeline.data.shards import load_split
     from pipeline.storage import S3Options, create_bucket
 
     write_parquet_folder(tmp_path / "raw", train_per_class=20, test_per_class=2)
@@ -90,8 +92,9 @@ def test_training_split_reshuffles_its_shards_every_epoch(ray_cluster, tmp_path)
     that only the file order can differ between the two epochs."""
     from ray.data import DataContext
 
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.prepare.from_raw import prepare_dataset
     from pipeline.data.readers.ray_reader import split_dataset
-    from pipeline.data.shards import prepare_dataset, read_manifest
 
     write_parquet_folder(tmp_path / "raw", train_per_class=20, test_per_class=2)
     uri = str(tmp_path / "tiny")
@@ -125,8 +128,9 @@ def test_training_split_of_one_shard_streams_in_several_blocks(ray_cluster, tmp_
     choice stays inside our datasets: the caller's DataContext is left as it was."""
     from ray.data import DataContext
 
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.prepare.from_raw import prepare_dataset
     from pipeline.data.readers.ray_reader import split_dataset
-    from pipeline.data.shards import prepare_dataset, read_manifest
 
     write_parquet_folder(tmp_path / "raw", train_per_class=300, test_per_class=1)
     uri = str(tmp_path / "one-shard")
@@ -147,8 +151,9 @@ def test_training_augmentation_is_a_function_of_seed_epoch_and_image(ray_cluster
     """Ray Data tasks augment each image from (run seed, epoch, sample id): two datasets of one
     seed give every image the same pixels in the same epoch, however the rows are cut into
     batches for the tasks; the next epoch and another seed give new ones."""
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.prepare.from_raw import prepare_dataset
     from pipeline.data.readers.ray_reader import split_dataset
-    from pipeline.data.shards import prepare_dataset, read_manifest
 
     write_parquet_folder(tmp_path / "raw", train_per_class=10, test_per_class=1)
     uri = str(tmp_path / "tiny")
@@ -179,8 +184,10 @@ def test_training_augmentation_is_a_function_of_seed_epoch_and_image(ray_cluster
 def test_uint8_training_split_is_the_decoded_images_unaugmented(ray_cluster, tmp_path):
     """For workers that augment on their own device (data.augment_on=device), the training
     split arrives as the stored images, decoded to uint8 NCHW, each once, untouched."""
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.prepare.from_raw import prepare_dataset
     from pipeline.data.readers.ray_reader import split_dataset
-    from pipeline.data.shards import load_split, prepare_dataset, read_manifest
+    from pipeline.data.shards import load_split
 
     write_parquet_folder(tmp_path / "raw", train_per_class=12, test_per_class=2)
     uri = str(tmp_path / "tiny")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.data.prepare.from_raw import prepare_dataset
 from pipeline.data.readers.transforms import CIFAR_MEAN, CIFAR_STD
-from pipeline.data.shards import prepare_dataset
 from pipeline.models import build_model
 from tests.helpers.cifar_archives import write_parquet_folder
 

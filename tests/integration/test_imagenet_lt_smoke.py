@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.data.shards import read_manifest
+from pipeline.data.manifest import read_manifest
 from pipeline.tracking.store import mlflow_uris
 from tests.helpers.lt_datasets import write_imagenet_lt
 from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S

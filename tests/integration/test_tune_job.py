@@ -37,7 +37,7 @@ def learnable_dataset(tmp_path_factory):
     """Each class has its own colour (plus noise): a working config learns it in one epoch,
     a learning rate of ~0 stays at chance, which makes ASHA's decision deterministic. The
     images are 48 px, not CIFAR's 32: the registered model's signature must follow the data."""
-    from pipeline.data.shards import prepare_dataset
+    from pipeline.data.prepare.from_raw import prepare_dataset
 
     base = tmp_path_factory.mktemp("learnable")
     rng = np.random.default_rng(0)

@@ -98,7 +98,7 @@ def test_cifar100_prepare_round_trip(cifar100_raw, cifar100_archive, tmp_path):
     assert np.array_equal(train.labels, cifar100_raw.train.labels[idx])
     assert np.array_equal(train.coarse_labels, cifar100_raw.train.coarse_labels[idx])
     assert list(train.sample_ids) == list(cifar100_raw.train.sample_ids[idx])
-    test = load_split(str(out), "test")
+    test = load_split(read_manifest(str(out)), "test")
     assert np.array_equal(test.images, cifar100_raw.test.images)
     assert np.array_equal(test.coarse_labels, cifar100_raw.test.coarse_labels)
 
@@ -134,11 +134,11 @@ def test_real_cifar10_prepared_if100(cifar10_raw, cifar10_if100):
     idx = select_longtail(cifar10_raw.train.labels, m.class_counts)
     assert np.array_equal(train.images, cifar10_raw.train.images[idx])  # bit for bit
     assert list(train.sample_ids[:2]) == ["train/00000", "train/00001"]
-    val = load_split(str(out), "val")
+    val = load_split(read_manifest(str(out)), "val")
     val_idx = np.array([int(s.split("/")[1]) for s in val.sample_ids])
     assert not set(val_idx) & set(idx)
     assert np.array_equal(val.images, cifar10_raw.train.images[val_idx])
-    test = load_split(str(out), "test")
+    test = load_split(read_manifest(str(out)), "test")
     assert np.array_equal(test.images, cifar10_raw.test.images)
     assert np.array_equal(test.labels, cifar10_raw.test.labels)
 
@@ -214,7 +214,7 @@ def test_ray_reader_refuses_class_ordered_training_rows(small, tmp_path):
     assert read_manifest(str(out)).to_dict()["train_row_order"] == {"order": "class"}
     assert len(load_prepared(str(out)).train.labels) == sum(doc["class_counts"])
     with pytest.raises(DataError, match=r"class by class.*jobs/prepare_data.py again"):
-        training_datasets(str(out), "shike", 0)
+        training_datasets(read_manifest(str(out)), "shike", 0)
 
 
 def test_new_version_replaces_old_shards(small, tmp_path):
@@ -295,7 +295,7 @@ def test_missing_manifest(tmp_path):
     with pytest.raises(IntegrityError, match=f"no manifest.json at {tmp_path}/manifest.json"):
         read_manifest(str(tmp_path))
     with pytest.raises(IntegrityError, match="no manifest.json"):
-        load_split(str(tmp_path / "nothing"), "train")
+        load_split(read_manifest(str(tmp_path / "nothing")), "train")
 
 
 def test_missing_shard(small_prepared):
@@ -303,8 +303,8 @@ def test_missing_shard(small_prepared):
     victim = small_prepared / m.splits["train"].shards[1].path
     victim.unlink()
     with pytest.raises(IntegrityError, match=f"shard {victim} listed in the manifest is missing"):
-        load_split(str(small_prepared), "train")
-    load_split(str(small_prepared), "test")  # other splits still load
+        load_split(read_manifest(str(small_prepared)), "train")
+    load_split(read_manifest(str(small_prepared)), "test")  # other splits still load
 
 
 def test_truncated_shard(small_prepared):
@@ -314,7 +314,7 @@ def test_truncated_shard(small_prepared):
     with pytest.raises(
         IntegrityError, match=f"shard {victim} is .* bytes but the manifest says .*truncated"
     ):
-        load_split(str(small_prepared), "train")
+        load_split(read_manifest(str(small_prepared)), "train")
 
 
 def test_altered_shard_sha_mismatch(small_prepared):
@@ -326,7 +326,7 @@ def test_altered_shard_sha_mismatch(small_prepared):
     with pytest.raises(
         IntegrityError, match=f"shard {victim} has sha256 .* but the manifest says .*altered"
     ):
-        verify_split(str(small_prepared), "val")
+        verify_split(read_manifest(str(small_prepared)), "val")
 
 
 def test_schema_mismatch(small_prepared):
@@ -346,7 +346,7 @@ def test_schema_mismatch(small_prepared):
         IntegrityError,
         match=f"shard {victim} has schema .*label: int32.* but expected .*label: int64",
     ):
-        load_split(str(small_prepared), "test")
+        load_split(read_manifest(str(small_prepared)), "test")
 
 
 def test_corrupt_shard_with_matching_sha_is_not_parquet(small_prepared):
@@ -358,7 +358,7 @@ def test_corrupt_shard_with_matching_sha_is_not_parquet(small_prepared):
     entry["bytes"], entry["sha256"] = 19, hashlib.sha256(b"this is not parquet").hexdigest()
     (small_prepared / MANIFEST_NAME).write_text(json.dumps(seal_document(manifest)))
     with pytest.raises(IntegrityError, match=f"shard {victim} is not a readable Parquet file"):
-        load_split(str(small_prepared), "test")
+        load_split(read_manifest(str(small_prepared)), "test")
 
 
 def test_bad_manifests(small_prepared):
@@ -475,7 +475,7 @@ def test_s3_round_trip(s3_env, small, tmp_path):
     prepare_dataset("cifar10", str(small.path), str(local), 10, val_per_class=5, shard_mb=0.02)
     assert read_manifest(str(local)).to_dict() == m2.to_dict()  # same bytes wherever written
     for split in ("train", "val", "test"):
-        a, b = load_split(m2, split), load_split(str(local), split)
+        a, b = load_split(m2, split), load_split(read_manifest(str(local)), split)
         assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
     fs, paths = shard_files(m2, "train")
     assert fs.type_name == "s3" and all(
@@ -522,12 +522,12 @@ def test_s3_integrity_errors_name_the_object(s3_env, small):
     with pytest.raises(
         IntegrityError, match=f"shard s3://{s3_env.bucket}/{key} is .* bytes .*truncated"
     ):
-        load_split(uri, "val", s3_env.options)
+        load_split(read_manifest(uri, s3_env.options), "val")
     client.delete_object(Bucket=s3_env.bucket, Key=key)
     with pytest.raises(
         IntegrityError, match=f"shard s3://{s3_env.bucket}/{key} listed in the manifest is missing"
     ):
-        load_split(uri, "val", s3_env.options)
+        load_split(read_manifest(uri, s3_env.options), "val")
 
 
 @pytest.mark.integration

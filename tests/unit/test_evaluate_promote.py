@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.data.manifest import MANIFEST_NAME, seal_document
+from pipeline.data.manifest import MANIFEST_NAME, read_manifest, seal_document
+from pipeline.data.prepare.from_raw import prepare_dataset
 from pipeline.data.readers.transforms import CIFAR_MEAN, CIFAR_STD
-from pipeline.data.shards import load_split, prepare_dataset
+from pipeline.data.shards import load_split
 from pipeline.models import ImageClassifier, build_model
 from tests.helpers.cifar_archives import write_parquet_folder
 
@@ -74,7 +75,7 @@ def dataset(tmp_path_factory):
         "cifar10", str(base / "raw"), str(out), 3.0, n_max=30, val_per_class=6, shard_mb=0.01
     )
     assert len(manifest.splits["val"].shards) > 1
-    return str(out), manifest, load_split(str(out), "val")
+    return str(out), manifest, load_split(read_manifest(str(out)), "val")
 
 
 @pytest.fixture(scope="module")

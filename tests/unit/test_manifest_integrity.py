@@ -67,7 +67,7 @@ def test_published_manifest_is_sealed_and_verifies(dataset):
     assert len(doc[CHECKSUM_KEY]) == 64
     # Canonical: the layout of the file does not matter, only its content.
     _write(dataset, doc)
-    m = verify_dataset(str(dataset))
+    m = verify_dataset(read_manifest(str(dataset)))
     assert m.to_dict() == doc and m.manifest_sha256 == doc[CHECKSUM_KEY]
     assert verify_dataset(m, ["train"]) is m  # an already-read manifest, some splits
     with pytest.raises(DataError, match="no split 'extra'"):
@@ -85,7 +85,7 @@ def test_hand_edited_class_counts_are_refused_by_the_seal(dataset):
     ):
         read_manifest(str(dataset))
     with pytest.raises(IntegrityError, match="edited after publication"):
-        verify_dataset(str(dataset))
+        verify_dataset(read_manifest(str(dataset)))
 
 
 @pytest.mark.parametrize("sealed", [True, False], ids=["resealed", "unsealed-legacy"])
@@ -108,8 +108,8 @@ def test_class_counts_that_the_shards_contradict_are_refused(dataset, sealed):
             rf"manifest but {truth} in the shards \(and 1 more classes differ\).*prepare_data"
         ),
     ):
-        verify_dataset(str(dataset))
-    verify_dataset(str(dataset), ["val", "test"])  # the other splits are still right
+        verify_dataset(read_manifest(str(dataset)))
+    verify_dataset(read_manifest(str(dataset)), ["val", "test"])  # the other splits are still right
 
 
 def test_priors_must_be_the_training_split(dataset):
@@ -131,8 +131,8 @@ def test_held_out_split_counts_are_checked_too(dataset):
     counts[3], counts[4] = counts[3] + 1, counts[4] - 1
     _write(dataset, seal_document(doc))
     with pytest.raises(IntegrityError, match=r"split test: class 3 \('cat'\) has 5 images"):
-        verify_dataset(str(dataset))
-    verify_dataset(str(dataset), ["train", "val"])
+        verify_dataset(read_manifest(str(dataset)))
+    verify_dataset(read_manifest(str(dataset)), ["train", "val"])
 
 
 def test_class_groups_must_follow_the_counts(dataset):
@@ -142,7 +142,7 @@ def test_class_groups_must_follow_the_counts(dataset):
     groups["few"].append(moved)
     _write(dataset, seal_document(doc))
     with pytest.raises(IntegrityError, match=rf"class_groups puts class {moved} .* in 'few'"):
-        verify_dataset(str(dataset))
+        verify_dataset(read_manifest(str(dataset)))
 
 
 def test_shard_problems_name_the_file(dataset):
@@ -150,15 +150,15 @@ def test_shard_problems_name_the_file(dataset):
     shard = m.splits["val"].shards[0]
     (dataset / shard.path).write_bytes(b"not parquet at all")
     with pytest.raises(IntegrityError, match=rf"shard {dataset / shard.path} is not a readable"):
-        verify_dataset(str(dataset), ["val"])
+        verify_dataset(read_manifest(str(dataset)), ["val"])
     (dataset / shard.path).unlink()
     with pytest.raises(IntegrityError, match=rf"shard {dataset / shard.path} .* is missing"):
-        verify_dataset(str(dataset), ["val"])
+        verify_dataset(read_manifest(str(dataset)), ["val"])
 
 
 def test_manifests_from_before_the_seal_still_load(dataset):
     doc = _doc(dataset)
     del doc[CHECKSUM_KEY]
     _write(dataset, doc)
-    m = verify_dataset(str(dataset))
+    m = verify_dataset(read_manifest(str(dataset)))
     assert m.manifest_sha256 is None and CHECKSUM_KEY not in m.to_dict()

@@ -208,7 +208,7 @@ def test_rerun_keeps_published_shards_and_rebuilds_only_damaged_ones(tmp_path):
     rewritten = sorted(line.split()[4] for line in lines if ": wrote shard" in line)
     assert rewritten == sorted([shards[0].path, shards[1].path])
     for split in ("train", "val", "test"):
-        verify_split(str(out), split)
+        verify_split(read_manifest(str(out)), split)
     assert {k: v[0] for k, v in _files(out).items()} == {k: v[0] for k, v in first.items()}
 
 

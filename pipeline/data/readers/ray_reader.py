@@ -25,7 +25,7 @@ import torch
 
 from pipeline.data import DataError
 from pipeline.data.codec import decode_images, decode_rgb
-from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest, as_manifest
+from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest
 from pipeline.data.readers.ray_progress import RAY_DATA_BARS_OFF_NOTICE
 from pipeline.data.readers.transforms import (
     apply_to_batch,
@@ -35,7 +35,6 @@ from pipeline.data.readers.transforms import (
 )
 from pipeline.data.shards import shard_files, verify_split
 from pipeline.seeding import augmentation_seed, epoch_seed
-from pipeline.storage import S3Options
 
 COLUMNS = ["image", "label", "sample_id"]  # the id keys each image's augmentation seed
 # Rows per `map_batches` call. Source images leave it as float32 at image_size: 64 of them at
@@ -198,20 +197,18 @@ def quiet_progress() -> None:
 
 
 def training_datasets(
-    uri_or_manifest: str | Manifest,
+    manifest: Manifest,
     augment: str,
     seed: int,
-    s3: S3Options | None = None,
     image_size: int | None = None,
     train_uint8: bool = False,
-) -> tuple[Manifest, dict[str, ray.data.Dataset]]:
-    """Manifest + {"train", "val", "test"} datasets for a TorchTrainer, from the dataset's URI
-    or its manifest already read (and verified). `image_size`
-    (data.image_size) is the side of the batches' images for "source" datasets.
+) -> dict[str, ray.data.Dataset]:
+    """{"train", "val", "test"} datasets for a TorchTrainer from a dataset's manifest (read
+    and verified). `image_size` (data.image_size) is the side of the batches' images for
+    "source" datasets.
     `train_uint8`: the training split as decoded uint8 images, which the workers augment on
     their own device (data.augment_on)."""
     quiet_progress()
-    manifest = as_manifest(uri_or_manifest, s3)
     if manifest.train_row_order != TRAIN_ROW_ORDER:
         # The streaming shuffle mixes only ~1,000 neighbouring rows: class-ordered rows would
         # give whole epochs of one-class batches.
@@ -227,4 +224,4 @@ def training_datasets(
     for split in ("val", "test"):
         if split in manifest.splits and manifest.splits[split].num_rows:
             datasets[split] = split_dataset(manifest, split, train=False, **common)
-    return manifest, datasets
+    return datasets

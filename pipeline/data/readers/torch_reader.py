@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from pipeline.config import DataConfig
 from pipeline.data import DataError
 from pipeline.data.longtail import build_longtail_splits, select_balanced
+from pipeline.data.manifest import read_manifest
 from pipeline.data.readers.transforms import build_transform, to_chw_tensor
-from pipeline.data.shards import load_split, read_manifest
+from pipeline.data.shards import load_split
 from pipeline.data.sources.load import load_raw_dataset
 from pipeline.data.sources.raw import RawSplit
 from pipeline.seeding import augmentation_seed
