@@ -1,11 +1,13 @@
 """DESIGN.md's layering, as import-linter contracts (pyproject.toml, [tool.importlinter]): the
-core imports neither Ray nor MLflow, Ray stays in distributed/ and the Ray Data reader, jobs/
-are the top layer, pipeline/ has no import cycle."""
+core imports neither Ray nor MLflow, Ray stays in distributed/ and the Ray Data reader, MLflow in
+tracking/, each layer imports only those below it (jobs/ on top), no package has a cycle."""
 
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
@@ -28,15 +30,21 @@ def test_the_contracts_hold():
     assert "0 broken" in out.stdout
 
 
-def test_a_ray_import_in_the_losses_breaks_the_core_contract(tmp_path):
+@pytest.mark.parametrize(
+    "module, library",
+    [("losses/classification.py", "ray"), ("training/fit.py", "mlflow")],
+)
+def test_ray_or_mlflow_in_the_core_breaks_its_contract(tmp_path, module, library):
     """The contracts catch what they exist for: a scratch copy of the packages whose losses
-    import Ray fails `lint-imports`, naming the contract and the import."""
+    import Ray, or whose training loop imports MLflow, fails `lint-imports`, naming the contract
+    and the import."""
     for package in ("pipeline", "jobs"):
         shutil.copytree(ROOT / package, tmp_path / package)
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    losses = tmp_path / "pipeline" / "losses" / "classification.py"
-    losses.write_text("import ray  # noqa: F401\n" + losses.read_text())
+    path = tmp_path / "pipeline" / module
+    path.write_text(f"import {library}  # noqa: F401\n" + path.read_text())
     out = _lint_imports(tmp_path)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-2000:]
     assert "The core runs anywhere" in out.stdout and "BROKEN" in out.stdout
-    assert "pipeline.losses.classification -> ray" in out.stdout
+    dotted = "pipeline." + module.removesuffix(".py").replace("/", ".")
+    assert f"{dotted} -> {library}" in out.stdout
