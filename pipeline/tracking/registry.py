@@ -217,7 +217,7 @@ def _pip_requirements() -> list[str]:
 def _bundle_model_code(dest: Path) -> Path:
     """Copy `pipeline/__init__.py` and `pipeline/models/*.py` (all the classifier needs) to
     `dest/pipeline`; returns that folder (for `code_paths`)."""
-    src = Path(__file__).resolve().parent
+    src = Path(__file__).resolve().parents[1]  # pipeline/
     out = dest / "pipeline"
     (out / "models").mkdir(parents=True)
     shutil.copy2(src / "__init__.py", out / "__init__.py")

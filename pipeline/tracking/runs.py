@@ -186,7 +186,7 @@ def git_commit() -> tuple[str | None, bool | None]:
     env = os.environ.get("SHIKE_GIT_COMMIT")
     if env:
         return env, None
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],

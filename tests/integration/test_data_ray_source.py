@@ -29,9 +29,8 @@ def test_source_images_reach_the_trainer_as_fixed_size_batches(ray_cluster, tmp_
 
     splits = {"train": [9, 5, 3, 1], "val": [1, 1, 1, 1], "test": [2, 2, 2, 2]}
     uri, _ = write_source_dataset(tmp_path, splits, rows_per_shard=5)
-    manifest, datasets = training_datasets(
-        read_manifest(uri), "imagenet_jitter", seed=0, image_size=SIZE
-    )
+    manifest = read_manifest(uri)
+    datasets = training_datasets(manifest, "imagenet_jitter", seed=0, image_size=SIZE)
     assert set(datasets) == {"train", "val", "test"}
     for split, dataset in datasets.items():
         labels = []
