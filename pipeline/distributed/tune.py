@@ -401,18 +401,22 @@ def best_trial(
     candidates = finished or [r for r in rows if not r["error"]]
     if not candidates:
         return None
+    from pipeline.tracking.runs import finite_float
+
     sign = 1 if mode == "max" else -1
 
     def rank(row: dict[str, Any]) -> tuple[bool, float]:
-        value = _finite_or_none(row[metric])
+        value = finite_float(row[metric])
         return (value is not None, sign * value if value is not None else 0.0)
 
     return max(candidates, key=rank)
 
 
 def _log_summary(parent, metric: str, summary: dict[str, Any]) -> None:
+    from pipeline.tracking.runs import finite_float
+
     best = summary["best"]
-    score = _finite_or_none(best[metric])
+    score = finite_float(best[metric])
     parent.log_metrics(
         {
             f"best/{metric}": score if score is not None else float("nan"),
@@ -462,15 +466,6 @@ def _close_children(uri: str, experiment: str, sweep: str, rows: list[dict], epo
                     else ("KILLED" if row["epochs_run"] < epochs else "FINISHED")
                 )
                 runs.RunLogger(uri, run.info.run_id).finish(status)
-
-
-def _finite_or_none(value: Any) -> float | None:
-    """A trial's metric as a float; None when it is missing, not a number, NaN or infinite."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _csv(rows: list[dict]) -> str:

@@ -231,7 +231,7 @@ def standard_tags(cfg: Config, manifest_hash: str | None = None) -> dict[str, st
 # ---- logging into one run --------------------------------------------------------------------
 
 
-def _float_if_finite(value: Any) -> float | None:
+def finite_float(value: Any) -> float | None:
     """`value` as a float; None for NaN, infinities and non-numbers (MLflow cannot chart them)."""
     try:
         number = float(value)
@@ -324,7 +324,7 @@ class RunLogger:
         stamp = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():
-            number = _float_if_finite(value)
+            number = finite_float(value)
             if number is not None:
                 items.append(Metric(key, number, stamp, int(step or 0)))
         for i in range(0, len(items), _MAX_METRICS_PER_BATCH):
@@ -390,7 +390,7 @@ class RunLogger:
                 counts.bin_confidence.cpu().tolist(),
             )
         if bin_counts is not None and bin_conf is not None and bin_acc is not None:
-            ece = _float_if_finite(results.get("ece"))
+            ece = finite_float(results.get("ece"))
             fig = plots.reliability_figure(
                 bin_counts, bin_conf, bin_acc, ece=ece, title=f"{split}: reliability"
             )
