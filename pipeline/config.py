@@ -89,26 +89,19 @@ class DataConfig(_Section):
     # Side of the square images the model sees (CIFAR: the images' own 32).
     image_size: int = Field(32, ge=8)
     loader_workers: int = Field(2, ge=0)
-    # Where the training split is augmented: "loader" (per image, in loader workers or Ray Data
-    # tasks), "device" (whole uint8 batches on the training device, CIFAR presets only:
-    # pipeline.data.readers.batch_augment), "auto": "device" for the CIFAR presets (faster per core
-    # on CPU, and on a GPU it frees the few CPUs a GPU has; BENCHMARKS.md), else "loader".
+    # Where the augmentation runs. "device" (and "auto"): images reach the training step as uint8
+    # and its device augments whole batches (pipeline.data.readers.batch_augment): for the CIFAR
+    # presets the whole preset; for the ImageNet-style ones the readers crop and flip on the
+    # CPU (sizes vary) and the device does the colour ops and normalisation. Per CPU core this
+    # decodes more images, and on a GPU node it frees the few CPUs a GPU has (BENCHMARKS.md).
+    # "loader": everything per image, in loader workers or Ray Data tasks.
     augment_on: Literal["auto", "loader", "device"] = "auto"
-
-    @model_validator(mode="after")
-    def _check_augment_on(self) -> DataConfig:
-        if self.augment_on == "device" and self.augment not in CIFAR_AUGMENTS:
-            raise ValueError(
-                f"data.augment_on=device augments the CIFAR presets ({', '.join(CIFAR_AUGMENTS)}); "
-                f"data.augment={self.augment!r} runs in the loader (data.augment_on=loader)"
-            )
-        return self
 
     @property
     def augments_on_device(self) -> bool:
-        """Whether the training split reaches the training step as uint8 batches that the
-        step's own device augments (pipeline.data.readers.batch_augment)."""
-        return self.augment_on != "loader" and self.augment in CIFAR_AUGMENTS
+        """Whether images reach the training step as uint8 batches that its device finishes
+        augmenting and normalises (pipeline.data.readers.batch_augment)."""
+        return self.augment_on != "loader"
 
 
 CIFAR_ARCHS = ("shike_resnet32", "resnet32")

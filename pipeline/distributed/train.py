@@ -154,7 +154,7 @@ def open_tracked_run(
         cfg.data.augment,
         cfg.train.seed,
         image_size=cfg.data.image_size,
-        train_uint8=cfg.data.augments_on_device,
+        uint8=cfg.data.augments_on_device,
     )
     for split in set(datasets) - {"train", *eval_splits}:
         del datasets[split]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipeline.config import Config
-from pipeline.data.readers.batch_augment import BatchAugment, augmented_batches
+from pipeline.data.readers.batch_augment import BatchAugment, FinishedBatches, augmented_batches
 from pipeline.data.readers.ray_reader import quiet_progress
 from pipeline.distributed.capacity import cluster_summary, guard_stalls, wait_for_capacity
 from pipeline.seeding import epoch_seed
@@ -165,8 +165,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     train_batches = TrainBatches(cfg, rank, world, device, first_epoch=session.epoch)
 
-    def split_batches(name: str) -> EvalBatches | None:
-        return EvalBatches.of_split(name) if lead and name in loop_config["eval_splits"] else None
+    def split_batches(name: str) -> Iterable[tuple[Tensor, Tensor]] | None:
+        if not lead or name not in loop_config["eval_splits"]:
+            return None
+        batches = EvalBatches.of_split(name)
+        augment = train_batches.augment  # uint8 evaluation crops: normalised on the device
+        return batches if augment is None else FinishedBatches(batches, augment, device)
 
     # The lead worker's machine: CPU, memory, disk, network (and GPUs) as `system/...` metrics.
     with lineage.system_metrics(uri, run_id, enabled=lead):

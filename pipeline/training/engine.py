@@ -23,7 +23,12 @@ import torch
 from pipeline.config import Config, ConfigError, add_override_argument, load_config
 from pipeline.data import DataError
 from pipeline.data.manifest import Manifest
-from pipeline.data.readers.batch_augment import BatchAugment, augmented_batches, shuffled_batches
+from pipeline.data.readers.batch_augment import (
+    BatchAugment,
+    FinishedBatches,
+    augmented_batches,
+    shuffled_batches,
+)
 from pipeline.data.readers.stream_reader import make_stream_loader, source_manifest
 from pipeline.data.readers.torch_reader import load_longtailed, make_loader
 from pipeline.seeding import epoch_seed
@@ -88,15 +93,19 @@ def in_memory_inputs(cfg: Config, device: torch.device) -> Inputs:
     )
 
 
-def streamed_inputs(cfg: Config, manifest: Manifest, pin: bool) -> Inputs:
-    """Source images streamed from the shards, decoded and augmented in the loader workers."""
+def streamed_inputs(cfg: Config, manifest: Manifest, device: torch.device) -> Inputs:
+    """Source images streamed from the shards, decoded and cropped in the loader workers; the
+    rest of the preset on the training device (`data.augment_on`), or in the loader too."""
+    pin = device.type == "cuda"
     train = make_stream_loader(
         manifest, "train", cfg.data, cfg.optim.batch_size, train=True, pin_memory=pin
     )
+    augment = BatchAugment(cfg.data.augment) if cfg.data.augments_on_device else None
 
     def train_batches(epoch: int):
-        train.dataset.set_seed(epoch_seed(cfg.train.seed, epoch))
-        return train
+        seed = epoch_seed(cfg.train.seed, epoch)
+        train.dataset.set_seed(seed)
+        return train if augment is None else augmented_batches(train, augment, seed, device)
 
     def evaluation(split: str, per_class: int | None = None):
         info = manifest.splits.get(split)
@@ -108,6 +117,11 @@ def streamed_inputs(cfg: Config, manifest: Manifest, pin: bool) -> Inputs:
 
     val, test = evaluation("val"), evaluation("test", cfg.data.test_per_class)
     rows = [0 if loader is None else loader.dataset.num_rows for loader in (train, val, test)]
+    if augment is not None:  # uint8 evaluation crops: normalised on the device
+        val, test = (
+            None if split is None else FinishedBatches(split, augment, device)
+            for split in (val, test)
+        )
     return Inputs(
         summary=f"{manifest.dataset} train {rows[0]} / val {rows[1]} / test {rows[2]} images "
         f"(streamed at {cfg.data.image_size} px), {manifest.num_classes} classes",
@@ -125,12 +139,11 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms
-    pin = device.type == "cuda"
     manifest = source_manifest(cfg.data)
     if manifest is None:
         inputs = in_memory_inputs(cfg, device)
     else:
-        inputs = streamed_inputs(cfg, manifest, pin)
+        inputs = streamed_inputs(cfg, manifest, device)
     log(f"data: {inputs.summary}; device {device}")
     session = TrainingSession(cfg, inputs.class_counts, device)
     resume = checkpoint_dir and (Path(checkpoint_dir) / "state.pt").exists()

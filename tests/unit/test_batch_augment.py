@@ -191,10 +191,17 @@ def test_epochs_are_a_function_of_their_seed():
 
 
 def test_refuses_what_it_cannot_augment():
-    with pytest.raises(ValueError, match="CIFAR presets.*'imagenet'"):
-        BatchAugment("imagenet")
+    with pytest.raises(ValueError, match="supports the presets.*not 'autoaugment'"):
+        BatchAugment("autoaugment")
     with pytest.raises(ValueError, match="uint8 NCHW"):
         BatchAugment("shike")(torch.zeros(2, 3, 32, 32), None)
+    with pytest.raises(ValueError, match="uint8 NCHW"):  # one channel: not what it normalises
+        BatchAugment("shike")(torch.zeros(2, 1, 32, 32, dtype=torch.uint8), None)
+    images = _images(4)
+    with pytest.raises(ValueError, match="3 images' draws for a batch of 4"):
+        BatchAugment("shike")(images, draw(3, torch.Generator().manual_seed(0)))
+    with pytest.raises(TypeError, match="'shike' takes Draws"):
+        BatchAugment("shike")(images, BatchAugment("randaugment").draw(4, torch.Generator()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -30,16 +30,23 @@ SIZE = 24
 UNIQUE = {"train": [1] * 20, "test": [1] * 20}
 
 
-def _data_cfg(workers: int = 0, augment: str = "imagenet"):
+def _data_cfg(workers: int = 0, augment: str = "imagenet", augment_on: str = "auto"):
     overrides = [f"data.augment={augment}", f"data.image_size={SIZE}"]
-    return load_config(None, [*overrides, f"data.loader_workers={workers}"]).data
+    overrides += [f"data.loader_workers={workers}", f"data.augment_on={augment_on}"]
+    return load_config(None, overrides).data
 
 
-def _epoch(manifest, split="train", *, workers=0, seed=0, batch=4, **kwargs):
+def _epoch(manifest, split="train", *, workers=0, seed=0, batch=4, augment_on="auto", **kwargs):
+    cfg = _data_cfg(workers, augment_on=augment_on)
     loader = make_stream_loader(
-        manifest, split, _data_cfg(workers), batch, train=split == "train", seed=seed, **kwargs
+        manifest, split, cfg, batch, train=split == "train", seed=seed, **kwargs
     )
     return list(loader)
+
+
+def _normalised(images: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+    return (images.float() / 255 - mean[:, None, None]) / std[:, None, None]
 
 
 def _by_label(batches) -> dict[int, torch.Tensor]:
@@ -99,14 +106,30 @@ def test_an_undecodable_image_is_an_error_naming_it():
 # ---------------------------------------------------------------------------------- streaming
 
 
-def test_training_batches_are_fixed_size_floats_covering_the_split_once(longtailed):
+@pytest.mark.parametrize("augment_on, dtype", [("auto", torch.uint8), ("loader", torch.float32)])
+def test_training_batches_are_fixed_size_crops_covering_the_split_once(
+    longtailed, augment_on, dtype
+):
+    """uint8 crops for a device that finishes the preset (the default), else normalised floats."""
     manifest, _ = longtailed
-    batches = _epoch(manifest, batch=4)
-    assert all(x.shape[1:] == (3, SIZE, SIZE) and x.dtype == torch.float32 for x, _ in batches)
+    batches = _epoch(manifest, batch=4, augment_on=augment_on)
+    assert all(x.shape[1:] == (3, SIZE, SIZE) and x.dtype == dtype for x, _ in batches)
     assert all(y.dtype == torch.int64 for _, y in batches)
     assert [len(y) for _, y in batches] == [4] * 6 + [1]
     labels = Counter(int(v) for _, y in batches for v in y)
     assert [labels[c] for c in range(4)] == manifest.class_counts
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_uint8_crops_are_the_loader_paths_pixels_before_normalising(unique, split):
+    """Same seed, same draws: the uint8 crop (or evaluation crop) of each image is what the
+    per-image preset ("imagenet": crop + flip) turns into its float output."""
+    seed = epoch_seed(5, 2)
+    crops = _by_label(_epoch(unique, split, seed=seed))
+    floats = _by_label(_epoch(unique, split, seed=seed, augment_on="loader"))
+    assert crops.keys() == floats.keys() and crops[0].dtype == torch.uint8
+    for label, crop in crops.items():
+        torch.testing.assert_close(_normalised(crop), floats[label])
 
 
 def test_an_epoch_is_a_function_of_seed_and_epoch(unique):
@@ -150,15 +173,13 @@ def test_evaluation_is_deterministic_resize_and_centre_crop(longtailed):
     first, again = _epoch(manifest, "test"), _epoch(manifest, "test")
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
     images = torch.cat([x for x, _ in first])
-    assert images.shape == (20, 3, SIZE, SIZE)
-    # the first stored row, through Resize(round(24 / 0.875)) + CenterCrop(24) + normalise
+    assert images.shape == (20, 3, SIZE, SIZE) and images.dtype == torch.uint8
+    # the first stored row, through Resize(round(24 / 0.875)) + CenterCrop(24)
     from torchvision.transforms import v2
 
     pixels = decode_rgb(encoded["test"][0])
     resized = v2.functional.center_crop(v2.functional.resize(pixels, [27], antialias=True), [SIZE])
-    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
-    expected = (resized.float() / 255 - mean[:, None, None]) / std[:, None, None]
-    torch.testing.assert_close(images[0], expected)
+    assert torch.equal(images[0], resized)
 
 
 def test_per_class_keeps_the_first_images_of_each_class(longtailed):
@@ -236,3 +257,47 @@ def test_the_engine_trains_a_4_stage_shike_on_streamed_source_images(longtailed)
     assert lines[0].startswith("data: generated_lt train 25 / val 8 / test 8 images (streamed")
     assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["loss"])
     assert result["test"]["num_samples"] == 8
+
+
+@pytest.mark.parametrize("augment", ["imagenet_jitter", "randaugment"])
+def test_resume_with_uint8_crops_finished_on_the_device_is_bit_identical(
+    tmp_path, longtailed, augment
+):
+    """Streamed uint8 crops, the colour ops drawn per batch on the device: a run stopped after
+    each epoch and resumed from its checkpoint ends with the uninterrupted run's weights."""
+    from pipeline.training.engine import streamed_inputs
+    from pipeline.training.session import TrainingSession
+
+    manifest, _ = longtailed
+    overrides = {
+        "data.uri": manifest.uri,
+        "data.augment": augment,
+        "data.image_size": 32,
+        "data.loader_workers": 0,
+        "model.arch": "shike_resnet18",
+        "optim.epochs": 3,
+        "optim.stage2_start": 2,
+        "optim.batch_size": 5,  # 25 training images: no batch of one for BatchNorm
+        "optim.warmup_epochs": 0,
+        "train.device": "cpu",
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    cpu = torch.device("cpu")
+    counts = list(manifest.class_counts)
+    straight = TrainingSession(cfg, counts, cpu)
+    straight.start(None)
+    for _ in range(3):
+        straight.run_epoch(streamed_inputs(cfg, manifest, cpu).train_batches)
+
+    session = TrainingSession(cfg, counts, cpu)
+    session.start(None)
+    for _ in range(3):  # each epoch in a fresh session from the last checkpoint
+        session.run_epoch(streamed_inputs(cfg, manifest, cpu).train_batches)
+        session.save(tmp_path)
+        torch.manual_seed(12345)  # the resumed run must not depend on the global RNG
+        session = TrainingSession(cfg, counts, cpu)
+        session.start(tmp_path)
+
+    a, b = straight.model.state_dict(), session.model.state_dict()
+    assert session.epoch == 3 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -30,6 +30,7 @@ from pipeline.data.readers.ray_progress import RAY_DATA_BARS_OFF_NOTICE
 from pipeline.data.readers.transforms import (
     apply_to_batch,
     build_transform,
+    imagenet_geometry,
     require_resizing_preset,
     transform_seeded,
 )
@@ -57,10 +58,10 @@ def _execution_index() -> int:
 
 
 def _decode_sources(
-    blobs: np.ndarray, sample_ids: np.ndarray, augment: str, train: bool, image_size: int, seeds
+    blobs: np.ndarray, sample_ids: np.ndarray, transform, seeds: list[int] | None
 ) -> torch.Tensor:
-    """Source images of any size, one by one -> float NCHW at image_size."""
-    transform = build_transform(augment, train=train, image_size=image_size)
+    """Source images of any size, one by one: decoded, then `transform`ed (seeded per image
+    when `seeds` are given)."""
     out = []
     for i, (blob, sample_id) in enumerate(zip(blobs, sample_ids, strict=True)):
         image = decode_rgb(blob, f"sample {sample_id}")
@@ -77,10 +78,13 @@ def decode_and_transform(
     seed: int | None = None,
     with_ids: bool = False,
     image_size: int | None = None,
+    uint8: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Encoded images -> normalised float NCHW batch: PNGs of one size as stored (image_size
-    None), source images of any size at `image_size`. The train transform is random per image:
-    seeded per image and epoch from `seed` (pipeline.seeding), unseeded without."""
+    """Encoded images -> a NCHW batch: PNGs of one size as stored (image_size None), source
+    images of any size at `image_size`. Normalised float, or with `uint8` (source images) the
+    preset's geometry alone, as uint8, for a training device that does the rest. The train
+    transform is random per image: seeded per image and epoch from `seed` (pipeline.seeding),
+    unseeded without."""
     seeds = None
     if train and seed is not None:
         epoch = epoch_seed(seed, _execution_index())
@@ -89,9 +93,12 @@ def decode_and_transform(
         images = decode_images(list(batch["image"]), "shard rows")
         pixels = apply_to_batch(build_transform(augment, train=train), images, seeds)
     else:
-        pixels = _decode_sources(
-            batch["image"], batch["sample_id"], augment, train, image_size, seeds
+        transform = (
+            imagenet_geometry(train, image_size)
+            if uint8
+            else build_transform(augment, train=train, image_size=image_size)
         )
+        pixels = _decode_sources(batch["image"], batch["sample_id"], transform, seeds)
     out = {"image": pixels.numpy(), "label": batch["label"].astype(np.int64)}
     if with_ids:
         out["sample_id"] = batch["sample_id"]
@@ -146,8 +153,9 @@ def split_dataset(
     source's "sample_id" with `with_ids`). H = W = `image_size` for a "source" dataset (which
     needs it, and an ImageNet-style `augment`); PNG datasets keep their stored size.
     `batch_size`: rows per decode task call (None: PNG_TASK_ROWS / SOURCE_TASK_ROWS).
-    `uint8` (PNG datasets): decoded uint8 images, neither augmented nor normalised, for a
-    consumer that augments them itself (pipeline.data.readers.batch_augment).
+    `uint8`: uint8 images for a consumer that finishes the augmentation on its own device
+    (pipeline.data.readers.batch_augment): PNG images as decoded, source images with the
+    preset's geometry (crop + flip, or the evaluation crop) at `image_size`.
 
     Training splits reshuffle the shard order on every execution (each epoch) and augment each
     image from `seed` (None: unseeded). With the output order pinned (`preserve_order`), an
@@ -158,8 +166,6 @@ def split_dataset(
         if image_size is None:
             raise ValueError(f"{manifest.uri}: images of varying size need an image_size")
         require_resizing_preset(augment, manifest.uri)
-    if uint8 and source:
-        raise ValueError(f"{manifest.uri}: source images are decoded at image_size, not as uint8")
     if verify:
         verify_split(manifest, split)
     fs, paths = shard_files(manifest, split)
@@ -167,7 +173,7 @@ def split_dataset(
     with _parquet_reader_v1():
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
     ds = ds.select_columns(COLUMNS)
-    if uint8:
+    if uint8 and not source:
         return ds.map_batches(decode_only, batch_size=batch_size or PNG_TASK_ROWS)
     return ds.map_batches(
         decode_and_transform,
@@ -177,6 +183,7 @@ def split_dataset(
             "seed": seed,
             "with_ids": with_ids,
             "image_size": image_size if source else None,
+            "uint8": uint8,
         },
         batch_size=batch_size or (SOURCE_TASK_ROWS if source else PNG_TASK_ROWS),
         batch_format="numpy",
@@ -201,13 +208,14 @@ def training_datasets(
     augment: str,
     seed: int,
     image_size: int | None = None,
-    train_uint8: bool = False,
+    uint8: bool = False,
 ) -> dict[str, ray.data.Dataset]:
     """{"train", "val", "test"} datasets for a TorchTrainer from a dataset's manifest (read
     and verified). `image_size` (data.image_size) is the side of the batches' images for
     "source" datasets.
-    `train_uint8`: the training split as decoded uint8 images, which the workers augment on
-    their own device (data.augment_on)."""
+    `uint8` (data.augment_on): the workers finish the augmentation on their own device, so the
+    training split arrives as uint8 images (CIFAR: as decoded; source images: cropped and
+    flipped), and a source dataset's evaluation splits as uint8 evaluation crops."""
     quiet_progress()
     if manifest.train_row_order != TRAIN_ROW_ORDER:
         # The streaming shuffle mixes only ~1,000 neighbouring rows: class-ordered rows would
@@ -219,9 +227,13 @@ def training_datasets(
             f"{TRAIN_ROW_ORDER} order (the Ray-free engine reads either)"
         )
     common = {"augment": augment, "image_size": image_size}
-    train = split_dataset(manifest, "train", train=True, seed=seed, uint8=train_uint8, **common)
+    train = split_dataset(manifest, "train", train=True, seed=seed, uint8=uint8, **common)
+    # Evaluation crops of source images are uint8 too; CIFAR evaluation splits stay float.
+    eval_uint8 = uint8 and manifest.image.encoding == "source"
     datasets = {"train": train}
     for split in ("val", "test"):
         if split in manifest.splits and manifest.splits[split].num_rows:
-            datasets[split] = split_dataset(manifest, split, train=False, **common)
+            datasets[split] = split_dataset(
+                manifest, split, train=False, uint8=eval_uint8, **common
+            )
     return datasets

@@ -1,6 +1,7 @@
 """The Ray-free streaming reader: a manifest split's shards of source images (varying sizes,
-`image.encoding` "source") -> batches of (float NCHW at image_size, int64 labels), never the
-whole split in memory. Imports neither Ray nor MLflow (the GPU machine has neither).
+`image.encoding` "source") -> batches of (NCHW images at image_size, int64 labels), never the
+whole split in memory: uint8 crops for a training device that finishes the augmentation
+(`data.augment_on`, the default), else normalised float. Imports neither Ray nor MLflow.
 
     loader = make_stream_loader(manifest, "train", cfg.data, batch_size=256, train=True)
     for epoch in ...:
@@ -15,8 +16,9 @@ One epoch of a training split:
    schema, rows: an IntegrityError naming the file) before using any of its rows;
 3. it walks the shard's rows in a seeded random order through a shuffle buffer of
    `buffer_size` encoded rows that mixes neighbouring shards;
-4. it decodes each image (pipeline.data.codec) and applies the train transform with torch's
-   generator seeded by `augmentation_seed(epoch seed, sample id)`, and batches the results.
+4. it decodes each image (pipeline.data.codec) and applies the train transform (the uint8
+   crop + flip, or the whole preset) with torch's generator seeded by
+   `augmentation_seed(epoch seed, sample id)`, and batches the results.
 
 What an epoch depends on: each image's pixels on (run seed, epoch, sample id) only, whatever
 the worker count or reader (the Ray Data path draws the same); which rows share a batch and
@@ -50,6 +52,7 @@ from pipeline.data.longtail import select_balanced
 from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest, read_manifest
 from pipeline.data.readers.transforms import (
     build_transform,
+    imagenet_geometry,
     require_resizing_preset,
     transform_seeded,
 )
@@ -209,8 +212,11 @@ def make_stream_loader(
     per_class: int | None = None,
     buffer_size: int = SHUFFLE_BUFFER_ROWS,
 ) -> DataLoader:
-    """A DataLoader of (float NCHW image_size x image_size, int64 labels) over one split of a
-    "source" dataset, decoded and augmented in `cfg.loader_workers` workers.
+    """A DataLoader of (NCHW image_size x image_size, int64 labels) over one split of a
+    "source" dataset, decoded and cropped in `cfg.loader_workers` workers: uint8 when the
+    training device finishes the augmentation (`cfg.augments_on_device`: the preset's colour
+    ops and normalisation, pipeline.data.readers.batch_augment), else the whole preset here,
+    normalised float.
 
     For training, `seed` is the epoch seed; one loader serves a whole run when
     `loader.dataset.set_seed(epoch_seed(run seed, epoch))` is called before each epoch. Its
@@ -227,10 +233,14 @@ def make_stream_loader(
             f"again with jobs/prepare_data.py)"
         )
     keep_rows = balanced_rows(manifest, split, per_class) if per_class is not None else None
+    if cfg.augments_on_device:
+        transform = imagenet_geometry(train, cfg.image_size)
+    else:
+        transform = build_transform(cfg.augment, train=train, image_size=cfg.image_size)
     dataset = ShardStream(
         manifest,
         split,
-        build_transform(cfg.augment, train=train, image_size=cfg.image_size),
+        transform,
         train=train,
         seed=seed,
         buffer_size=buffer_size,

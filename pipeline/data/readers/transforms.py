@@ -107,11 +107,19 @@ def evaluation_crop(image_size: int) -> v2.Compose:
     return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)])
 
 
-def _imagenet_steps(kind: str, train: bool, image_size: int) -> list[nn.Module]:
+def imagenet_geometry(train: bool, image_size: int) -> v2.Compose:
+    """The ImageNet-style presets' geometry, uint8 in and out: RandomResizedCrop(image_size)
+    + horizontal flip for training, `evaluation_crop` else. What the readers do on the CPU when
+    the colour work and normalisation run on the training device (`batch_augment`): with
+    torch's generator seeded alike, the same draws as the first steps of `build_transform`."""
     if not train:
-        steps = [evaluation_crop(image_size)]
-    else:
-        steps = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        return evaluation_crop(image_size)
+    return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def _imagenet_steps(kind: str, train: bool, image_size: int) -> list[nn.Module]:
+    steps = [imagenet_geometry(train, image_size)]
+    if train:
         if kind == "imagenet_jitter":
             steps.append(v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4))
         elif kind == "randaugment":
