@@ -1,18 +1,19 @@
-"""Decode + augment throughput at 224 px for the large benchmarks' input: images/s per CPU core
-of the Ray-free streaming loader and of the Ray Data path, reading source-JPEG shards, against
-torchvision's `ImageFolder` + `DataLoader` on the same JPEGs in a folder; plus the decoders
-alone (Pillow against torchvision.io), which chose pipeline/data/codec.py's decoder.
+"""Decode + crop throughput at 224 px for the large benchmarks' input, in one run: images/s
+per CPU core of our two readers (uint8 crops for the training device, and the per-image float
+path), torchvision's `ImageFolder` + `DataLoader` and LitData reading the same JPEGs, against
+the limit of one core (decode + RandomResizedCrop + flip on uint8, one thread); plus the
+decode-and-crop candidates and the decoders alone, one thread each.
 
-    python -m bench.decode_speed [--images 800] [--passes 3] [--no-record]
+    python -m bench.decode_speed [--images 2400] [--passes 3] [--no-record]
 
 Everything is measured in one run on the same generated RGB JPEGs (sides 375-500 px, quality
-90, about 95 kB each, close to ImageNet's average). Each pipeline trains-augments with the
-"imagenet" preset (RandomResizedCrop 224 + flip; ImageFolder: the same in torchvision's
-classic PIL transforms, then ToTensor + Normalize) in batches of 32 on all cores (DataLoader
-workers = cores; Ray started with num_cpus = cores). Passes alternate between the pipelines;
-each figure is the median over passes of the mid-pass rate (`timed_pass`) per core; the first
-batch's wait is shown on its own. Ray Data's up-front shard verification happens when the
-dataset is built and is not timed.
+90, about 95 kB each, close to ImageNet's average). Each pipeline crops with the "imagenet"
+preset (RandomResizedCrop 224 + flip; ImageFolder: the same in torchvision's classic PIL
+transforms, then ToTensor + Normalize) in batches of 32 on all cores (DataLoader workers =
+cores; Ray started with num_cpus = cores). Passes alternate between the pipelines; each figure
+is the median over passes of the mid-pass rate (`timed_pass`) per core, with the machine's CPU
+utilisation over the same window; the first batch's wait is shown on its own. Ray Data's
+up-front shard verification happens when the dataset is built and is not timed.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import math
 import os
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
@@ -40,25 +44,54 @@ SIDES = (375, 500)
 IMAGES_PER_SHARD = 40
 
 
-def timed_pass(batches: Iterable, labels_of: Callable, total: int) -> tuple[float, float]:
-    """(seconds to the first batch, images/s in the middle of the pass) of one pass over
-    `batches` of `total` images. The rate counts the images delivered between the 25% and the
-    75% marks over the time between them: neither the start-up nor the tail (where workers or
-    tasks run out of shards and cores idle) enters it, nor work done before the first batch."""
+class Pass(NamedTuple):
+    first_wait: float  # seconds to the first batch
+    rate: float  # images/s between the 25% and the 75% marks
+    busy: float  # share of the machine's CPU time spent busy over the same window
+
+
+def _busy_share(before, after) -> float:
+    total = sum(after) - sum(before)
+    idle = (after.idle + after.iowait) - (before.idle + before.iowait)
+    return 1.0 - idle / total if total > 0 else float("nan")
+
+
+def timed_pass(batches: Iterable, labels_of: Callable, total: int) -> Pass:
+    """One pass over `batches` of `total` images. The rate counts the images delivered between
+    the 25% and the 75% marks over the time between them: neither the start-up nor the tail
+    (where workers or tasks run out of shards and cores idle) enters it, nor work done before
+    the first batch."""
     start = time.perf_counter()
     first_wait, marks, seen = None, [], 0
     for batch in batches:
         now = time.perf_counter()
         first_wait = now - start if first_wait is None else first_wait
         seen += len(labels_of(batch))
-        marks.append((seen, now))
+        marks.append((seen, now, psutil.cpu_times()))
     lo = next(m for m in marks if m[0] >= total * 0.25)
     hi = next(m for m in marks if m[0] >= total * 0.75)
-    return first_wait, (hi[0] - lo[0]) / (hi[1] - lo[1])
+    return Pass(first_wait, (hi[0] - lo[0]) / (hi[1] - lo[1]), _busy_share(lo[2], hi[2]))
 
 
-def decoder_rates(blobs: list[bytes], repeats: int) -> dict[str, float]:
-    """Images/s of each decoder on one thread (best of `repeats` passes over `blobs`)."""
+def one_thread_rates(blobs: list[bytes], fns: dict[str, Callable], repeats: int) -> dict:
+    """Images/s of each function on one thread (best of `repeats` passes over `blobs`)."""
+    rates = {name: 0.0 for name in fns}
+    torch.set_num_threads(1)
+    for _ in range(repeats):  # alternate, so that drift in machine load hits all alike
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for blob in blobs:
+                fn(blob)
+            rates[name] = max(rates[name], len(blobs) / (time.perf_counter() - start))
+    return rates
+
+
+def _tensor(blob: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+
+def decoders() -> dict[str, Callable]:
+    """The decoders alone (what chose pipeline/data/codec.py's)."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     from pipeline.data.codec import decode_rgb
@@ -67,26 +100,57 @@ def decoder_rates(blobs: list[bytes], repeats: int) -> dict[str, float]:
         with Image.open(io.BytesIO(blob)) as image:
             return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
 
-    def tensor(blob: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-
-    decoders = {
+    return {
         'Pillow: Image.open(...).convert("RGB") + numpy': pillow,
-        "torchvision.io.decode_jpeg(mode=RGB)": lambda b: decode_jpeg(tensor(b), ImageReadMode.RGB),
+        "torchvision.io.decode_jpeg(mode=RGB)": lambda b: decode_jpeg(
+            _tensor(b), ImageReadMode.RGB
+        ),
         "torchvision.io.decode_image(mode=RGB)": lambda b: decode_image(
-            tensor(b), ImageReadMode.RGB
+            _tensor(b), ImageReadMode.RGB
         ),
         "pipeline.data.codec.decode_rgb (what the readers call)": decode_rgb,
     }
-    rates = {name: 0.0 for name in decoders}
-    torch.set_num_threads(1)
-    for _ in range(repeats):  # alternate, so that drift in machine load hits all alike
-        for name, decode in decoders.items():
-            start = time.perf_counter()
-            for blob in blobs:
-                decode(blob)
-            rates[name] = max(rates[name], len(blobs) / (time.perf_counter() - start))
-    return rates
+
+
+LIMIT = "one-core limit: decode_jpeg + v2.RandomResizedCrop(224, antialias) + flip, uint8"
+
+
+def crop_candidates() -> dict[str, Callable]:
+    """Decode + RandomResizedCrop 224 + flip, uint8 out, one image at a time: the limit of one
+    core (torchvision on the whole decoded image), what our readers run, and a reduced decode
+    (libjpeg's DCT scaling through Pillow's `draft` where the crop spans twice the output)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import v2
+
+    from pipeline.data.codec import decode_rgb
+    from pipeline.data.readers.transforms import imagenet_geometry, transform_seeded
+
+    crop = v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, antialias=True), v2.RandomHorizontalFlip()])
+    ours = imagenet_geometry(True, IMAGE_SIZE)
+    seeds = iter(range(10**9))
+
+    def reduced(blob: bytes) -> torch.Tensor:
+        image = Image.open(io.BytesIO(blob))
+        width, height = image.size
+        top, left, h, w = v2.RandomResizedCrop.get_params(
+            torch.empty(1, height, width), (0.08, 1.0), (3 / 4, 4 / 3)
+        )
+        scale = next((s for s in (8, 4, 2) if min(h, w) / s >= IMAGE_SIZE), 1)
+        if scale > 1:
+            image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+        sx, sy = image.size[0] / width, image.size[1] / height
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        out = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=box)
+        pixels = torch.from_numpy(np.asarray(out)).permute(2, 0, 1)
+        return pixels.flip(-1) if torch.rand(1).item() < 0.5 else pixels
+
+    return {
+        LIMIT: lambda b: crop(decode_jpeg(_tensor(b), ImageReadMode.RGB)),
+        "ours: decode_rgb + imagenet_geometry, seeded per image (the readers' step)": lambda b: (
+            transform_seeded(ours, decode_rgb(b), next(seeds))
+        ),
+        "Pillow: reduced decode (draft) + resize of the crop box": reduced,
+    }
 
 
 def write_image_folder(manifest, root: Path) -> Path:
@@ -103,9 +167,133 @@ def write_image_folder(manifest, root: Path) -> Path:
     return root / "train"
 
 
+def litdata_loader(blobs: list[bytes], labels: list[int], root: Path, cores: int):
+    """LitData reading the same JPEGs, optimized into its chunks, with our readers' crop (decode
+    + RandomResizedCrop + flip, uint8) in its loader workers."""
+    import multiprocessing
+
+    import litdata
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import v2
+
+    crop = v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, antialias=True), v2.RandomHorizontalFlip()])
+
+    class Cropped(litdata.StreamingDataset):
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            return crop(decode_jpeg(_tensor(item["image"]), ImageReadMode.RGB)), item["label"]
+
+    start_method = multiprocessing.get_start_method()
+    items = list(zip(blobs, labels, strict=True))
+    litdata.optimize(
+        fn=_litdata_item, inputs=items, output_dir=str(root), chunk_bytes="16MB",
+        num_workers=1, verbose=False,
+    )  # fmt: skip
+    # optimize() switches the process to "spawn"; every loader here forks its workers (Linux's
+    # default, and what lets this local class reach them).
+    multiprocessing.set_start_method(start_method, force=True)
+    dataset = Cropped(str(root), shuffle=True)
+    return litdata.StreamingDataLoader(dataset, batch_size=BATCH, num_workers=cores)
+
+
+def _litdata_item(item: tuple[bytes, int]) -> dict:
+    return {"image": item[0], "label": item[1]}
+
+
+def pipelines(manifest, work: Path, cores: int) -> dict[str, tuple[Callable, Callable]]:
+    """name -> (a pass's batches, the labels of a batch), every pipeline over the same JPEGs."""
+    import ray
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    from pipeline.config import load_config
+    from pipeline.data.readers.ray_reader import quiet_progress, split_dataset
+    from pipeline.data.readers.stream_reader import make_stream_loader
+    from pipeline.data.readers.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.data.shards import read_split_table
+
+    classic = [T.RandomResizedCrop(IMAGE_SIZE), T.RandomHorizontalFlip(), T.ToTensor()]
+    image_folder = datasets.ImageFolder(
+        str(write_image_folder(manifest, work / "folder")),
+        transform=T.Compose([*classic, T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]),
+    )
+    table = read_split_table(manifest, "train")
+    lit = litdata_loader(
+        table.column("image").to_pylist(), table.column("label").to_pylist(), work / "lit", cores
+    )
+    settings = ["data.augment=imagenet", f"data.image_size={IMAGE_SIZE}"]
+    settings.append(f"data.loader_workers={cores}")
+
+    def stream(augment_on: str):
+        cfg = load_config(None, [*settings, f"data.augment_on={augment_on}"]).data
+        return make_stream_loader(manifest, "train", cfg, BATCH, train=True)
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # lines per pass otherwise
+    quiet_progress()
+
+    def ray_data(uint8: bool):
+        kwargs = {"augment": "imagenet", "train": True, "seed": 0, "image_size": IMAGE_SIZE}
+        return split_dataset(manifest, "train", uint8=uint8, **kwargs)
+
+    uint8_stream, float_stream = stream("device"), stream("loader")
+    uint8_ray, float_ray = ray_data(True), ray_data(False)
+    by_index, by_key = (lambda batch: batch[1]), (lambda batch: batch["label"])
+    return {
+        "torchvision ImageFolder + DataLoader (Pillow decode, PIL transforms), float": (
+            lambda: DataLoader(image_folder, batch_size=BATCH, shuffle=True, num_workers=cores),
+            by_index,
+        ),
+        "LitData StreamingDataset + StreamingDataLoader, our crop, uint8": (lambda: lit, by_index),
+        "Ray-free streaming loader, uint8 crops (data.augment_on=device)": (
+            lambda: uint8_stream,
+            by_index,
+        ),
+        "Ray-free streaming loader, float (data.augment_on=loader)": (
+            lambda: float_stream,
+            by_index,
+        ),
+        "Ray Data (split_dataset -> iter_torch_batches), uint8 crops": (
+            lambda: uint8_ray.iter_torch_batches(batch_size=BATCH),
+            by_key,
+        ),
+        "Ray Data, float (data.augment_on=loader)": (
+            lambda: float_ray.iter_torch_batches(batch_size=BATCH),
+            by_key,
+        ),
+    }
+
+
+def pipeline_rows(runs: dict[str, list[Pass]], cores: int, limit: float) -> list[str]:
+    rows = [
+        "| pipeline | images/s per core | ratio to ImageFolder | share of the one-core limit "
+        "| CPU busy | first batch after |",
+        "|---|---|---|---|---|---|",
+    ]
+    baseline = None
+    for name, passes in runs.items():
+        per_core = statistics.median(p.rate for p in passes) / cores
+        baseline = baseline or per_core
+        busy = statistics.median(p.busy for p in passes)
+        first = statistics.median(p.first_wait for p in passes)
+        rows.append(
+            f"| {name} | {per_core:.0f} | {per_core / baseline:.2f}x | {per_core / limit:.2f} "
+            f"| {100 * busy:.0f}% | {first:.2f} s |"
+        )
+    return rows
+
+
+def one_thread_rows(rates: dict[str, float], reference: str) -> list[str]:
+    base = rates[reference]
+    rows = ["| function | images/s | ratio to the first |", "|---|---|---|"]
+    return rows + [f"| {name} | {rate:.0f} | {rate / base:.2f}x |" for name, rate in rates.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images", type=int, default=800)
+    # Enough images that the timed middle of a pass spans seconds and many Ray Data tasks.
+    ap.add_argument("--images", type=int, default=2400)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
@@ -114,107 +302,55 @@ def main() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # loader workers
 
     import ray
-    from torch.utils.data import DataLoader
-    from torchvision import datasets
-    from torchvision import transforms as T
 
-    from pipeline.config import load_config
     from pipeline.data.manifest import read_manifest
-    from pipeline.data.readers.ray_reader import quiet_progress, split_dataset
-    from pipeline.data.readers.stream_reader import make_stream_loader
-    from pipeline.data.readers.transforms import IMAGENET_MEAN, IMAGENET_STD
     from tests.helpers.jpeg_shards import write_source_dataset
 
     cores = os.cpu_count() or 1
     work = scratch_dir("bench-decode-")
     classes = 8
-    counts = [args.images // classes] * classes
     uri, encoded = write_source_dataset(
         work / "shards",
-        {"train": counts},
+        {"train": [args.images // classes] * classes},
         rows_per_shard=IMAGES_PER_SHARD,
         side_range=SIDES,
         mixed_formats=False,
     )
     blobs = encoded["train"]
-    manifest = read_manifest(uri)
-    folder = write_image_folder(manifest, work / "folder")
-    decoders = decoder_rates(blobs, repeats=args.passes)
+    crops = one_thread_rates(blobs, crop_candidates(), repeats=args.passes)
+    decoding = one_thread_rates(blobs, decoders(), repeats=args.passes)
     torch.set_num_threads(cores)
-
-    image_folder = datasets.ImageFolder(
-        str(folder),
-        transform=T.Compose(
-            [
-                T.RandomResizedCrop(IMAGE_SIZE),
-                T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        ),
-    )
-    cfg = load_config(
-        None,
-        ["data.augment=imagenet", f"data.image_size={IMAGE_SIZE}", f"data.loader_workers={cores}"],
-    ).data
-    stream = make_stream_loader(manifest, "train", cfg, BATCH, train=True)
-
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # lines per pass otherwise
-    quiet_progress()
-    ray_dataset = split_dataset(
-        manifest, "train", augment="imagenet", train=True, seed=0, image_size=IMAGE_SIZE
-    )
-    pipelines: dict[str, tuple[Callable[[], Iterable], Callable]] = {
-        "torchvision ImageFolder + DataLoader (Pillow decode, PIL transforms), JPEG folder": (
-            lambda: DataLoader(image_folder, batch_size=BATCH, shuffle=True, num_workers=cores),
-            lambda batch: batch[1],
-        ),
-        "Ray-free streaming loader (make_stream_loader), shards": (
-            lambda: stream,
-            lambda batch: batch[1],
-        ),
-        "Ray Data (split_dataset -> iter_torch_batches), shards": (
-            lambda: ray_dataset.iter_torch_batches(batch_size=BATCH),
-            lambda batch: batch["label"],
-        ),
-    }
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in pipelines}
+    found = pipelines(read_manifest(uri), work, cores)
+    runs: dict[str, list[Pass]] = {name: [] for name in found}
     for epoch in range(args.passes):
-        stream.dataset.set_seed(epoch)
-        for name, (make, labels_of) in pipelines.items():
-            runs[name].append(timed_pass(make(), labels_of, len(blobs)))
+        for name, (make, labels_of) in found.items():
+            batches = make()
+            if hasattr(getattr(batches, "dataset", None), "set_seed"):
+                batches.dataset.set_seed(epoch)
+            runs[name].append(timed_pass(batches, labels_of, len(blobs)))
     ray.shutdown()
 
     kb = sum(map(len, blobs)) / len(blobs) / 1e3
     lines = [
         f"{len(blobs)} generated RGB JPEGs (sides {SIDES[0]}-{SIDES[1]} px, quality 90, "
         f"{kb:.0f} kB on average), {cores} CPU cores; train preset `imagenet` at {IMAGE_SIZE} px, "
-        f"batches of {BATCH}; median of {args.passes} passes, images/s between the 25% and 75% marks",
+        f"batches of {BATCH}; median of {args.passes} passes, images/s between the 25% and 75% "
+        "marks; the one-core limit is the first row of the next table",
         "",
-        "| pipeline | images/s per core | ratio to ImageFolder | first batch after |",
-        "|---|---|---|---|",
+        *pipeline_rows(runs, cores, crops[LIMIT]),
+        "",
+        f"Decode + crop + flip to uint8, one thread, best of {args.passes} passes:",
+        "",
+        *one_thread_rows(crops, LIMIT),
+        "",
+        f"Decoders alone, one thread, best of {args.passes} passes:",
+        "",
+        *one_thread_rows(decoding, next(iter(decoding))),
     ]
-    baseline = None
-    for name, results in runs.items():
-        per_core = statistics.median(rate for _, rate in results) / cores
-        baseline = baseline or per_core
-        first = statistics.median(wait for wait, _ in results)
-        lines.append(f"| {name} | {per_core:.0f} | {per_core / baseline:.2f}x | {first:.2f} s |")
-    lines += [
-        "",
-        f"Decoders alone, one thread, best of {args.passes} passes over the same JPEGs:",
-        "",
-        "| decoder | images/s | ratio to Pillow |",
-        "|---|---|---|",
-    ]
-    pillow = next(iter(decoders.values()))
-    lines += [f"| {name} | {rate:.0f} | {rate / pillow:.2f}x |" for name, rate in decoders.items()]
-    table = "\n".join(lines)
     record(
         "decode_speed",
-        "Decode + augment at 224 px: streaming readers vs ImageFolder",
-        table,
+        "Decode + crop at 224 px: our readers, ImageFolder and LitData against one core's limit",
+        "\n".join(lines),
         print_only=args.no_record,
     )
 

@@ -116,24 +116,29 @@ def decode_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @contextmanager
-def _parquet_reader_v1() -> Iterator[None]:
-    """Plan the reads inside with Ray Data's V1 Parquet reader (the default before Ray 2.60).
+def _ingest_context() -> Iterator[None]:
+    """Plan the datasets made inside with the settings the training input needs.
 
-    Each Dataset keeps the DataContext current at its creation, so the setting stays with the
-    datasets made here and the caller's own context is restored. Why V1: the V2 reader (Ray
-    2.60's default) reads a shard as one block, which `map_batches` then augments in one task
-    that emits its output only at the end, and every execution (every epoch) waits for it;
-    its file listing also stalls on every execution. V1 hands the shard on in blocks of a few
-    hundred rows, so the augmentation runs in many tasks and batches reach the trainer as they
-    are made (the first-batch wait with each reader: bench/HISTORY.md, the V1 reader fix of
-    commit 68c1531).
+    Each Dataset keeps the DataContext current at its creation, so the settings stay with the
+    datasets made here and the caller's own context is restored.
+    - Ray Data's V1 Parquet reader (the default before Ray 2.60): the V2 reader reads a shard as
+      one block, which `map_batches` then augments in one task that emits its output only at
+      the end, and every execution (every epoch) waits for it; its file listing also stalls on
+      every execution. V1 hands the shard on in blocks of a few hundred rows, so the decoding
+      runs in many tasks and batches reach the trainer as they are made (bench/HISTORY.md, the
+      V1 reader fix of commit 68c1531).
+    - No per-operator resource reservation: Ray Data otherwise reserves part of the CPUs for
+      each operator, and the light Parquet read keeps CPUs that the decode then may not use (on
+      a 2-core node the decode got one core, the node ran about 60% busy; BENCHMARKS.md,
+      decode_speed). Without it the decode tasks take every CPU the read leaves.
     """
     ctx = ray.data.DataContext.get_current()
-    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    before = ctx.use_datasource_v2, ctx.op_resource_reservation_enabled
+    ctx.use_datasource_v2, ctx.op_resource_reservation_enabled = False, False
     try:
         yield
     finally:
-        ctx.use_datasource_v2 = before
+        ctx.use_datasource_v2, ctx.op_resource_reservation_enabled = before
 
 
 def split_dataset(
@@ -170,24 +175,24 @@ def split_dataset(
         verify_split(manifest, split)
     fs, paths = shard_files(manifest, split)
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
-    with _parquet_reader_v1():
+    with _ingest_context():
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
-    ds = ds.select_columns(COLUMNS)
-    if uint8 and not source:
-        return ds.map_batches(decode_only, batch_size=batch_size or PNG_TASK_ROWS)
-    return ds.map_batches(
-        decode_and_transform,
-        fn_kwargs={
-            "augment": augment,
-            "train": train,
-            "seed": seed,
-            "with_ids": with_ids,
-            "image_size": image_size if source else None,
-            "uint8": uint8,
-        },
-        batch_size=batch_size or (SOURCE_TASK_ROWS if source else PNG_TASK_ROWS),
-        batch_format="numpy",
-    )
+        ds = ds.select_columns(COLUMNS)
+        if uint8 and not source:
+            return ds.map_batches(decode_only, batch_size=batch_size or PNG_TASK_ROWS)
+        return ds.map_batches(
+            decode_and_transform,
+            fn_kwargs={
+                "augment": augment,
+                "train": train,
+                "seed": seed,
+                "with_ids": with_ids,
+                "image_size": image_size if source else None,
+                "uint8": uint8,
+            },
+            batch_size=batch_size or (SOURCE_TASK_ROWS if source else PNG_TASK_ROWS),
+            batch_format="numpy",
+        )
 
 
 def quiet_progress() -> None:
