@@ -116,29 +116,24 @@ def decode_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @contextmanager
-def _ingest_context() -> Iterator[None]:
-    """Plan the datasets made inside with the settings the training input needs.
+def _parquet_reader_v1() -> Iterator[None]:
+    """Plan the reads inside with Ray Data's V1 Parquet reader (the default before Ray 2.60).
 
-    Each Dataset keeps the DataContext current at its creation, so the settings stay with the
-    datasets made here and the caller's own context is restored.
-    - Ray Data's V1 Parquet reader (the default before Ray 2.60): the V2 reader reads a shard as
-      one block, which `map_batches` then augments in one task that emits its output only at
-      the end, and every execution (every epoch) waits for it; its file listing also stalls on
-      every execution. V1 hands the shard on in blocks of a few hundred rows, so the decoding
-      runs in many tasks and batches reach the trainer as they are made (bench/HISTORY.md, the
-      V1 reader fix of commit 68c1531).
-    - No per-operator resource reservation: Ray Data otherwise reserves part of the CPUs for
-      each operator, and the light Parquet read keeps CPUs that the decode then may not use (on
-      a 2-core node the decode got one core, the node ran about 60% busy; BENCHMARKS.md,
-      decode_speed). Without it the decode tasks take every CPU the read leaves.
+    Each Dataset keeps the DataContext current at its creation, so the setting stays with the
+    datasets made here and the caller's own context is restored. Why V1: the V2 reader (Ray
+    2.60's default) reads a shard as one block, which `map_batches` then augments in one task
+    that emits its output only at the end, and every execution (every epoch) waits for it;
+    its file listing also stalls on every execution. V1 hands the shard on in blocks of a few
+    hundred rows, so the augmentation runs in many tasks and batches reach the trainer as they
+    are made (the first-batch wait with each reader: bench/HISTORY.md, the V1 reader fix of
+    commit 68c1531).
     """
     ctx = ray.data.DataContext.get_current()
-    before = ctx.use_datasource_v2, ctx.op_resource_reservation_enabled
-    ctx.use_datasource_v2, ctx.op_resource_reservation_enabled = False, False
+    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
         yield
     finally:
-        ctx.use_datasource_v2, ctx.op_resource_reservation_enabled = before
+        ctx.use_datasource_v2 = before
 
 
 def split_dataset(
@@ -175,7 +170,7 @@ def split_dataset(
         verify_split(manifest, split)
     fs, paths = shard_files(manifest, split)
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
-    with _ingest_context():
+    with _parquet_reader_v1():
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
         ds = ds.select_columns(COLUMNS)
         if uint8 and not source:
