@@ -42,23 +42,35 @@ def test_source_images_reach_the_trainer_as_fixed_size_batches(ray_cluster, tmp_
         assert np.bincount(labels, minlength=4).tolist() == manifest.splits[split].class_counts
 
 
-def test_ray_data_augments_each_image_as_the_ray_free_reader_does(ray_cluster, tmp_path):
+@pytest.mark.parametrize("augment_on", ["device", "loader"])
+def test_ray_data_augments_each_image_as_the_ray_free_reader_does(
+    ray_cluster, tmp_path, augment_on
+):
     """One image per class, so a label names its image: the first execution (epoch 0) of the
     Ray dataset and the streaming loader at epoch_seed(seed, 0) give every image the same
-    pixels, batches and task boundaries notwithstanding."""
+    pixels (uint8 crops for the device, or the whole preset as floats), batches and task
+    boundaries notwithstanding."""
     from pipeline.data.readers.ray_reader import split_dataset
 
     uri, _ = write_source_dataset(tmp_path, {"train": [1] * 16}, rows_per_shard=3)
     manifest = read_manifest(uri)
     dataset = split_dataset(
-        manifest, "train", augment="randaugment", train=True, seed=3, batch_size=5, image_size=SIZE
+        manifest,
+        "train",
+        augment="randaugment",
+        train=True,
+        seed=3,
+        batch_size=5,
+        image_size=SIZE,
+        uint8=augment_on == "device",
     )
     ray_pixels = {
         int(label): torch.from_numpy(image)
         for batch in dataset.iter_batches(batch_format="numpy")
         for image, label in zip(batch["image"], batch["label"], strict=True)
     }
-    cfg = load_config(None, ["data.augment=randaugment", f"data.image_size={SIZE}"]).data
+    settings = ["data.augment=randaugment", f"data.image_size={SIZE}"]
+    cfg = load_config(None, [*settings, f"data.augment_on={augment_on}"]).data
     loader = make_stream_loader(manifest, "train", cfg, 4, train=True, seed=epoch_seed(3, 0))
     stream_pixels = {
         int(label): image
