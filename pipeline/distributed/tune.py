@@ -29,12 +29,15 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config import Config, ConfigError, build_config
+
+if TYPE_CHECKING:
+    from pipeline.distributed.preflight import Launch
 
 # ----------------------------------------------------------------------------- the sweep file
 
@@ -253,7 +256,9 @@ def run_sweep(
         return _sweep(spec, base, name, register, launch)
 
 
-def _sweep(spec: SweepSpec, base: Config, name: str, register: bool, launch) -> dict[str, Any]:
+def _sweep(
+    spec: SweepSpec, base: Config, name: str, register: bool, launch: Launch
+) -> dict[str, Any]:
     import ray
 
     from pipeline.distributed import console
@@ -317,7 +322,7 @@ def _scheduler(spec: SweepSpec, epochs: int):
     )
 
 
-def _build_tuner(spec: SweepSpec, base: Config, name: str, parent, launch):
+def _build_tuner(spec: SweepSpec, base: Config, name: str, parent, launch: Launch):
     """A new Tuner for the sweep, or the saved one when this sweep name ran before."""
     from ray import tune
 
@@ -428,7 +433,7 @@ def _log_summary(parent, metric: str, summary: dict[str, Any]) -> None:
     parent.log_tags({"shike.best_trial": best["trial_id"]})
 
 
-def _register_best(spec: SweepSpec, base: Config, name: str, best: dict, launch) -> str:
+def _register_best(spec: SweepSpec, base: Config, name: str, best: dict, launch: Launch) -> str:
     """Register the best trial's model from its own child run (what `jobs.train` registers)."""
     import ray.train
 

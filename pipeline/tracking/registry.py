@@ -244,6 +244,10 @@ def _metric_tags(metrics: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
+# The run's identity tags (run name, config and data hashes) that follow it to its versions.
+_RUN_TAGS_KEPT = (TAG_RUN_NAME, TAG_CONFIG_HASH, TAG_MANIFEST_HASH)
+
+
 def log_and_register(
     run_id: str,
     model: nn.Module,
@@ -291,7 +295,6 @@ def log_and_register(
             f"model outputs shape {probs.shape[1:]} per image, but {len(names)} class names given"
         )
     metadata = _metadata(names, mean, std, image_size, dataset)
-    # The run's own identity tags (run name, config and data hashes) follow it to the version.
     version_tags = {TAG_RUN_ID: run_id, **_metric_tags(metrics)}
     version_tags.update({k: run.data.tags[k] for k in _RUN_TAGS_KEPT if k in run.data.tags})
     version_tags = checked_tags(version_tags, "model version tag")
@@ -307,9 +310,6 @@ def log_and_register(
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return client.get_model_version(name, mv.version)
-
-
-_RUN_TAGS_KEPT = (TAG_RUN_NAME, TAG_CONFIG_HASH, TAG_MANIFEST_HASH)
 
 
 def _classifier(

@@ -8,9 +8,10 @@ epoch plus a seeded local buffer in the consumer. Two kinds of dataset:
 - fixed-size PNG shards (CIFAR): decoded as one array, the CIFAR presets at the stored size;
 - "source" shards (the large benchmarks' original JPEGs, sizes varying): each image decoded
   on its own (pipeline.data.codec) and brought to `image_size` by an ImageNet-style preset,
-  so Ray Train workers get fixed-size float batches either way;
-- or, for a training step that augments on its own device (`data.augment_on`), the PNG
-  shards' images decoded only, as uint8 batches.
+  so Ray Train workers get fixed-size batches either way.
+For a training step that finishes the augmentation on its own device (`data.augment_on`), the
+batches are uint8: PNG images as decoded, source images cropped and flipped (evaluation splits:
+the evaluation crop); otherwise normalised float.
 Ray is imported here and in distributed/ only.
 """
 
