@@ -158,25 +158,17 @@ def open_tracked_run(
     )
     for split in set(datasets) - {"train", *eval_splits}:
         del datasets[split]
-    tags = {
-        **runs.standard_tags(cfg, manifest_hash=runs.manifest_hash(manifest)),
-        **(extra_tags or {}),
-    }
-    run_id = runs.start_or_resume_run(
-        uri, cfg.tracking.experiment, run_name, tags, parent_run_id=parent_run_id
+    read = [split for split in ("train", *eval_splits) if split in datasets]
+    logger = runs.open_run(
+        cfg, run_name, uri, manifest, read, extra_tags=extra_tags, parent_run_id=parent_run_id
     )
-    logger = runs.RunLogger(uri, run_id)
-    logger.log_config(cfg)
-    logger.log_manifest(manifest.to_dict())
-    # The splits this run reads, as MLflow dataset inputs (a resumed run logs none twice).
-    logger.log_datasets(manifest, [split for split in ("train", *eval_splits) if split in datasets])
     loop_config = {
         "config": cfg.to_dict(),
         "class_counts": list(manifest.class_counts),
         "class_names": list(manifest.class_names),
         "tracking_uri": uri,
-        "run_id": run_id,
-        "eval_splits": [name for name in eval_splits if name in datasets],
+        "run_id": logger.run_id,
+        "eval_splits": read[1:],
     }
     return datasets, logger, loop_config
 

@@ -404,6 +404,30 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def open_run(
+    cfg: Config,
+    run_name: str,
+    uri: str,
+    manifest: Any,
+    splits: Sequence[str],
+    *,
+    extra_tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> RunLogger:
+    """The MLflow run of training run `run_name`, created or resumed by name, with its standard
+    tags, config, manifest and the `splits` it reads as dataset inputs logged: what every
+    training driver (Ray Train run, sweep trial on Ray Train or on one device) opens."""
+    tags = {**standard_tags(cfg, manifest_hash=manifest_hash(manifest)), **(extra_tags or {})}
+    run_id = start_or_resume_run(
+        uri, cfg.tracking.experiment, run_name, tags, parent_run_id=parent_run_id
+    )
+    logger = RunLogger(uri, run_id)
+    logger.log_config(cfg)
+    logger.log_manifest(manifest.to_dict())
+    logger.log_datasets(manifest, splits)  # a resumed run logs none twice
+    return logger
+
+
 class EpochRecorder:
     """What a training run logs at the end of each `fit` turn, with one value per step.
 
