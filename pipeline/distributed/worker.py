@@ -98,8 +98,9 @@ def _torch_batches(iterator, batch_size: int, **kwargs):
         yield batch["image"], batch["label"]
 
 
-def _announce_first(batches):
-    """Log when the first batch reaches the training step (start-up latency, bench/)."""
+def announce_first_batch(batches):
+    """Log when the first batch reaches the training step (start-up latency: bench.sweep_startup
+    reads the line)."""
     for i, batch in enumerate(batches):
         if i == 0:
             log.info("[shike] first training batch at unix time %.3f", time.time())
@@ -237,7 +238,7 @@ class TrainBatches:
         if self.augment is not None:
             batches = augmented_batches(batches, self.augment, seed, self.device)
         if self.rank == 0 and epoch == self.first_epoch:
-            batches = _announce_first(batches)
+            batches = announce_first_batch(batches)
         return batches
 
 

@@ -30,7 +30,7 @@ from pipeline.data.readers.batch_augment import (
     shuffled_batches,
 )
 from pipeline.data.readers.stream_reader import make_stream_loader, source_manifest
-from pipeline.data.readers.torch_reader import load_longtailed, make_loader
+from pipeline.data.readers.torch_reader import LongTailedData, load_longtailed, make_loader
 from pipeline.seeding import epoch_seed
 from pipeline.storage import StorageError
 from pipeline.training.checkpoint import CheckpointError
@@ -51,11 +51,14 @@ class Inputs:
     test_batches: Iterable | None
 
 
-def in_memory_inputs(cfg: Config, device: torch.device) -> Inputs:
-    """CIFAR-style splits decoded whole. The training split is either kept whole on the
-    device as uint8 and augmented there a batch at a time (`data.augment_on`), or read by one
-    loader for the whole run (its workers live as long as it does, see make_loader)."""
-    data = load_longtailed(cfg.data)
+def in_memory_inputs(
+    cfg: Config, device: torch.device, data: LongTailedData | None = None
+) -> Inputs:
+    """CIFAR-style splits decoded whole (`data`, when the caller has them decoded already).
+    The training split is either kept whole on the device as uint8 and augmented there a batch
+    at a time (`data.augment_on`), or read by one loader for the whole run (its workers live as
+    long as it does, see make_loader)."""
+    data = data or load_longtailed(cfg.data)
     pin = device.type == "cuda"
     if cfg.data.augments_on_device:
         images = torch.from_numpy(data.train.images).permute(0, 3, 1, 2).contiguous().to(device)
