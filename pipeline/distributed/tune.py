@@ -1,7 +1,9 @@
-"""Sweeps with Ray Tune over Ray Train runs (Train V2 pattern), tracked as MLflow parent/child.
+"""Sweeps with Ray Tune, tracked as MLflow parent/child runs.
 
-Each trial is a driver function that builds the trial's config, opens a child MLflow run and
-launches a TorchTrainer whose reports reach Tune through `TuneReportCallback`. ASHA compares
+Each trial (pipeline.distributed.trials) builds the trial's config, opens a child MLflow run
+and trains: on the one device of its Tune actor when the sweep has one worker per trial
+(`trial_workers`, 1 by default for CIFAR), else as a Ray Train run (Train V2 pattern) whose
+reports reach Tune through `TuneReportCallback`. ASHA compares
 `val/score`: the val accuracy after stage 2, and during stage 1 the val accuracy with post-hoc
 logit adjustment, which anticipates what stage-2 balanced-softmax re-training will give (plain
 stage-1 accuracy would favour head-class-biased configurations). The test split is never used
@@ -16,7 +18,9 @@ Sweep YAML (configs/sweep_*.yaml):
     num_samples: 8
     scheduler: {grace_period: 20, reduction_factor: 2}
     searcher: random            # or optuna
-    reuse_actors: true          # with scheduler none: a finished trial's driver runs the next
+    trial_workers: 1            # one device per trial; 2+: a Ray Train run per trial
+    reuse_actors: true          # a finished trial's actor runs the next (Ray Train trials:
+                                # with scheduler none only)
     space:
       loss.dkt_weight: {choice: [3, 5, 10, 20, 30]}
       loss.tau: {uniform: [0.5, 1.5]}
@@ -35,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config import Config, ConfigError, build_config
+from pipeline.distributed import trials
 
 if TYPE_CHECKING:
     from pipeline.distributed.preflight import Launch
@@ -103,8 +108,17 @@ class SweepSpec(_Strict):
     # process that imports Ray Train, torch and the pipeline again (bench/sweep_startup.py).
     # Not with ASHA: a trial it stops is still in trainer.fit(), which only its driver's exit ends.
     reuse_actors: bool = True
+    # Workers per trial. 1: the trial runs the training loop on one device inside its Tune
+    # actor (no Ray Train worker group to start per trial); more: a Ray Train run per trial.
+    # Unset: 1 for the CIFAR datasets, else the base config's cluster.num_workers.
+    trial_workers: int | None = Field(None, ge=1)
     seed: int | None = 0
     space: dict[str, Distribution]
+
+    def workers_per_trial(self, base: Config) -> int:
+        if self.trial_workers is not None:
+            return self.trial_workers
+        return 1 if base.data.dataset in ("cifar10", "cifar100") else base.cluster.num_workers
 
     def expected_trials(self) -> int:
         """Trials a complete sweep has: num_samples per combination of the grid values."""
@@ -148,42 +162,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
     return spec, base
 
 
-# ----------------------------------------------------------------------------- trials
+def _gpus_for_trials(base: Config) -> float:
+    """GPUs of the cluster the trials may use (none when cluster.use_gpu is false)."""
+    import ray
 
-
-def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
-    return build_config(base, values=params)
-
-
-def _trial_driver(params: dict[str, Any], *, base: dict, sweep: dict, context: dict) -> None:
-    """One trial: a child MLflow run and a TorchTrainer whose reports are forwarded to Tune."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipeline.distributed.train import build_trainer, open_tracked_run
-
-    cfg = trial_config(base, params)
-    trial_id = ray.tune.get_context().get_trial_id()
-    run_name = f"{sweep['name']}-{trial_id}"
-    datasets, logger, loop_config = open_tracked_run(
-        cfg,
-        run_name,
-        context["tracking_uri"],
-        context["manifest"],
-        extra_tags={"shike.sweep": sweep["name"], "shike.trial_id": trial_id},
-        parent_run_id=context["parent_run_id"],
-        eval_splits=("val",),  # never the test split in a sweep
-    )
-    trainer = build_trainer(
-        cfg,
-        run_name,
-        datasets,
-        loop_config,
-        callbacks=[TuneReportCallback()],
-        storage_subdir=sweep["name"],
-    )
-    trainer.fit()
-    logger.finish("FINISHED")
+    return 0 if base.cluster.use_gpu == "false" else ray.cluster_resources().get("GPU", 0)
 
 
 def max_concurrent(spec: SweepSpec, base: Config) -> int:
@@ -192,12 +175,24 @@ def max_concurrent(spec: SweepSpec, base: Config) -> int:
 
     if spec.max_concurrent_trials:
         return spec.max_concurrent_trials
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
-    if gpus and base.cluster.use_gpu != "false":
-        return max(1, int(gpus // base.cluster.num_workers))
-    per_trial = base.cluster.num_workers * base.cluster.cpus_per_worker + 1  # + Ray Data tasks
-    return max(1, int(resources.get("CPU", 1) // per_trial))
+    workers = base.cluster.num_workers
+    if _gpus_for_trials(base):
+        return max(1, int(_gpus_for_trials(base) // workers))
+    per_trial = workers * base.cluster.cpus_per_worker
+    if workers > 1:
+        per_trial += 1  # Ray Data's tasks beside the Train workers
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+
+
+def _trial_resources(base: Config) -> dict[str, float]:
+    """What a trial's Tune actor asks: the device and CPUs it trains on (one-device trials),
+    or nothing but a slot (a Ray Train trial's actor only waits for its workers)."""
+    if base.cluster.num_workers > 1:
+        return {"cpu": 0, "memory": 1}
+    resources = {"cpu": base.cluster.cpus_per_worker}
+    if _gpus_for_trials(base):
+        resources["gpu"] = 1
+    return resources
 
 
 def _fit_noting_interrupt(tuner) -> tuple[Any, bool]:
@@ -252,6 +247,9 @@ def run_sweep(
     from pipeline.distributed.preflight import preflight
 
     name = name or spec.name
+    workers = spec.workers_per_trial(base)
+    if workers != base.cluster.num_workers:  # what each trial runs with, and its runs log
+        base = build_config(base.to_dict(), values={"cluster.num_workers": workers})
     with preflight(base, name, SweepError) as launch:
         return _sweep(spec, base, name, register, launch)
 
@@ -265,7 +263,8 @@ def _sweep(
 
     if not ray.is_initialized():
         ray.init(**console.ray_init_kwargs())
-    check_state_api()
+    if base.cluster.num_workers > 1:  # Ray Train trials (one-device trials start no Train run)
+        check_state_api()
     uri, epochs = launch.tracking_uri, base.optim.epochs
     parent = _open_parent_run(spec, uri, base.tracking.experiment, name)
     grid, interrupted = _fit_noting_interrupt(_build_tuner(spec, base, name, parent, launch))
@@ -329,8 +328,9 @@ def _build_tuner(spec: SweepSpec, base: Config, name: str, parent, launch: Launc
     from pipeline.distributed import console
     from pipeline.distributed.train import storage_location
 
+    one_device = base.cluster.num_workers == 1
     trainable = tune.with_parameters(
-        _trial_driver,
+        trials.device_trial if one_device else trials.train_trial,
         base=base.to_dict(),
         sweep=spec.model_dump(mode="json") | {"name": name},
         context={
@@ -339,7 +339,7 @@ def _build_tuner(spec: SweepSpec, base: Config, name: str, parent, launch: Launc
             "manifest": launch.manifest,
         },
     )
-    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the driver only waits
+    trainable = tune.with_resources(trainable, _trial_resources(base))
     storage_path, storage_fs = storage_location(base)
     experiment_path = (
         os.path.join(storage_path, name) if storage_fs is None else f"{storage_path}/{name}"
@@ -363,12 +363,16 @@ def _build_tuner(spec: SweepSpec, base: Config, name: str, parent, launch: Launc
             max_concurrent_trials=max_concurrent(spec, base),
             scheduler=_scheduler(spec, base.optim.epochs),
             search_alg=search_alg,
-            reuse_actors=spec.reuse_actors and spec.scheduler.type == "none",
+            # A one-device trial that ASHA stops ends at its next report, freeing its actor; a
+            # Ray Train trial it stops is still in trainer.fit(), which only its actor's exit ends.
+            reuse_actors=spec.reuse_actors and (one_device or spec.scheduler.type == "none"),
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
+            # One-device trials' checkpoints (a Ray Train trial keeps its own, and as many)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=base.cluster.num_to_keep),
             # Tune's trial tables: only with --verbose (the trials log their epochs)
             verbose=None if console.is_verbose() else 0,
         ),
@@ -390,7 +394,9 @@ def _trial_rows(grid, spec: SweepSpec, epochs: int) -> list[dict[str, Any]]:
                 spec.metric: metrics.get(spec.metric, float("nan")),
                 "val/acc": metrics.get("val/acc", float("nan")),
                 "error": "" if result.error is None else type(result.error).__name__,
-                "checkpoint_path": metrics.get("checkpoint_path", ""),
+                # a Ray Train trial reports its run's checkpoint path; Tune keeps a one-device one's
+                "checkpoint_path": metrics.get("checkpoint_path")
+                or (result.checkpoint.path if result.checkpoint else ""),
             }
         )
     return rows
@@ -441,7 +447,7 @@ def _register_best(spec: SweepSpec, base: Config, name: str, best: dict, launch:
     from pipeline.tracking import runs
     from pipeline.tracking.registry import register_trained_model
 
-    cfg = trial_config(base.to_dict(), {k: best[k] for k in spec.space})
+    cfg = trials.trial_config(base.to_dict(), {k: best[k] for k in spec.space})
     run_name = f"{name}-{best['trial_id']}"
     trial_run = runs.find_runs(launch.tracking_uri, cfg.tracking.experiment, run_name)
     _, storage_fs = storage_location(base)

@@ -98,12 +98,12 @@ def _torch_batches(iterator, batch_size: int, **kwargs):
         yield batch["image"], batch["label"]
 
 
-def announce_first_batch(batches):
-    """Log when the first batch reaches the training step (start-up latency: bench.sweep_startup
+def announce_first_batch(batches, say: Callable[[str], None] = log.info):
+    """Say when the first batch reaches the training step (start-up latency: bench.sweep_startup
     reads the line)."""
     for i, batch in enumerate(batches):
         if i == 0:
-            log.info("[shike] first training batch at unix time %.3f", time.time())
+            say(f"[shike] first training batch at unix time {time.time():.3f}")
         yield batch
 
 
@@ -181,7 +181,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             val_batches=split_batches("val"),
             test_batches=split_batches("test"),
             reduce=lambda stats: _reduce_train_stats(stats, device, session.objective.part_names),
-            on_epoch_end=lambda end: _report(end, session, recorder, lead),
+            on_epoch_end=lambda end: report_epoch(
+                end, session, recorder, ray.train.report, ray.train.Checkpoint, lead
+            ),
             log=(lambda line: log.info("[shike] %s", line)) if lead else (lambda line: None),
         )
 
@@ -242,19 +244,24 @@ class TrainBatches:
         return batches
 
 
-def _report(
-    end: EpochEnd, session: TrainingSession, recorder: runs.EpochRecorder | None, lead: bool
+def report_epoch(
+    end: EpochEnd,
+    session: TrainingSession,
+    recorder: runs.EpochRecorder | None,
+    report: Callable[..., None],
+    checkpoint_type: type,
+    lead: bool = True,
 ) -> None:
-    """Log the turn to MLflow (lead worker) and report it to Ray Train, with the checkpoint
-    when one is due (written by the lead worker; the others report none)."""
+    """Log the turn to MLflow (`recorder`: the lead worker's) and `report` it (Ray Train's or
+    Tune's), with a `checkpoint_type` checkpoint when one is due, written by the lead worker
+    (the others report none)."""
     if recorder is not None:
         recorder.record(end)
     metrics = end.metrics()
     if not end.checkpoint_due:
-        ray.train.report(metrics)
+        report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         if lead:
             session.save(tmp)
-        ckpt = ray.train.Checkpoint.from_directory(tmp) if lead else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        report(metrics, checkpoint=checkpoint_type.from_directory(tmp) if lead else None)

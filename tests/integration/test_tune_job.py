@@ -81,7 +81,7 @@ NO_DASHBOARD_SWEEP = """
 import sys, tempfile
 import ray
 from pipeline.distributed.tune import SweepError, load_sweep, run_sweep
-spec, base = load_sweep("configs/sweep_smoke.yaml", sys.argv[1:])
+spec, base = load_sweep(sys.argv[1], sys.argv[2:])
 ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="/tmp/rn"))
 try:
     run_sweep(spec, base)
@@ -94,14 +94,20 @@ finally:
 
 
 def test_sweep_refuses_a_ray_without_its_state_api(tiny_dataset, tmp_path):
-    """Without the dashboard, finished trials' placement groups are never freed (the sweep
-    would hang after the first trials): refused up front, before any MLflow run exists."""
+    """Without the dashboard, the placement groups of finished Ray Train trials are never
+    freed (the sweep would hang after the first trials): refused up front, before any MLflow
+    run exists."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        Path(ROOT, "configs/sweep_smoke.yaml").read_text() + "trial_workers: 2\n"  # Ray Train
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [
             sys.executable,
             "-c",
             NO_DASHBOARD_SWEEP,
+            str(sweep),
             f"data.uri={tiny_dataset}",  # a real dataset: the data is checked first
             f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         ],
@@ -118,7 +124,7 @@ def test_sweep_refuses_a_ray_without_its_state_api(tiny_dataset, tmp_path):
     assert not experiments or client.search_runs(experiments) == []
 
 
-def test_asha_sweep_tracks_parent_and_children_and_registers_the_best(
+def test_one_device_asha_sweep_tracks_parent_and_children_and_registers_the_best(
     ray_cluster, learnable_dataset, tmp_path
 ):
     from pipeline.distributed.tune import load_sweep, run_sweep
@@ -155,7 +161,9 @@ def test_asha_sweep_tracks_parent_and_children_and_registers_the_best(
 
     rows = summary["trials"]
     assert len(rows) == 4
+    # ASHA stops the trials that learn nothing at its first rung, and no other
     assert any(r["stopped_early"] for r in rows), rows
+    assert all(r["optim.peak_lr"] == 1e-7 for r in rows if r["stopped_early"]), rows
     assert summary["trial_epochs_run"] < summary["trial_epochs_full"]
     finished = [r for r in rows if r["epochs_run"] == base.optim.epochs]
     assert summary["best"] == max(finished, key=lambda r: r["val/score"])
@@ -200,23 +208,16 @@ def _finished_children(uri: str) -> list:
     ]
 
 
-def test_interrupted_sweep_resumes_when_relaunched(ray_cluster, learnable_dataset, tmp_path):
-    """Ctrl-C after the first trial: nothing is registered, the exit status says so; the
-    relaunch keeps the finished trial (not trained again) and runs the rest."""
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(
-        "name: sweep-resume\nbase_config: configs/smoke.yaml\nmetric: val/score\n"
-        "num_samples: 1\nmax_concurrent_trials: 1\nscheduler: {type: none}\n"
-        "space:\n  optim.peak_lr: {grid: [0.05, 0.1]}\n"
-    )
+def _sweep_command(sweep_yaml: Path, name: str, dataset: str, tmp_path: Path) -> list[str]:
+    """`python -m jobs.tune` on `sweep_yaml` with the cheap settings of these tests."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = [
-        f"data.uri={learnable_dataset}",
+        f"data.uri={dataset}",
         "cluster.num_workers=1",
         "cluster.cpus_per_worker=0.5",
         f"cluster.storage_path={tmp_path}/runs",
         f"tracking.tracking_uri={uri}",
-        "tracking.model_name=shike-sweep-resume",
+        f"tracking.model_name=shike-{name}",
         "optim.batch_size=16",
         "train.threads=1",
         "model.arch=resnet32",
@@ -224,18 +225,38 @@ def test_interrupted_sweep_resumes_when_relaunched(ray_cluster, learnable_datase
         "optim.stage2_start=1",
         "data.augment=none",
     ]
-    cmd = [sys.executable, "-m", "jobs.tune", "--config", str(sweep)]
+    cmd = [sys.executable, "-m", "jobs.tune", "--config", str(sweep_yaml)]
     for o in overrides:
         cmd += ["--set", o]
+    return cmd
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_stopped_sweep_resumes_when_relaunched(ray_cluster, learnable_dataset, tmp_path, stop):
+    """The sweep's driver is stopped after the first trial, by Ctrl-C (nothing is registered,
+    the exit status says so) or killed outright; the relaunch keeps the finished trial (not
+    trained again) and runs the rest."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "name: sweep-resume\nbase_config: configs/smoke.yaml\nmetric: val/score\n"
+        "num_samples: 1\nmax_concurrent_trials: 1\nscheduler: {type: none}\n"
+        "space:\n  optim.peak_lr: {grid: [0.05, 0.1]}\n"
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = _sweep_command(sweep, "sweep-resume", learnable_dataset, tmp_path)
     first = start_driver(cmd, ROOT, ray_cluster.env)
     deadline = time.monotonic() + 300
     while not _finished_children(uri):
         assert first.poll() is None, first.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "no trial finished in 300 s"
-        time.sleep(2)
-    out = interrupt(first, timeout=180)
-    assert first.returncode == 130, out[-3000:]
-    assert "relaunch it with the same name to resume" in out
+        time.sleep(1)
+    if stop == "ctrl-c":
+        out = interrupt(first, timeout=180)
+        assert first.returncode == 130, out[-3000:]
+        assert "relaunch it with the same name to resume" in out
+    else:
+        first.kill()
+        first.communicate()
     client = MlflowClient(uri)
     assert client.search_registered_models() == []  # nothing chosen from a partial sweep
     [done_before] = _finished_children(uri)[:1]
@@ -256,3 +277,24 @@ def test_interrupted_sweep_resumes_when_relaunched(ray_cluster, learnable_datase
     ]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert client.get_model_version_by_alias("shike-sweep-resume", "candidate")
+
+
+def test_ray_train_trials_register_their_best(ray_cluster, learnable_dataset, tmp_path):
+    """`trial_workers: 2`: each trial is a Ray Train run of two workers; the best one's model
+    is registered from its Train checkpoint, under its own child run."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "name: sweep-train\nbase_config: configs/smoke.yaml\ntrial_workers: 2\n"
+        "num_samples: 1\nscheduler: {type: none}\nspace:\n  optim.peak_lr: {grid: [0.1]}\n"
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = _sweep_command(sweep, "sweep-train", learnable_dataset, tmp_path)
+    done = subprocess.run(
+        cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [child] = _finished_children(uri)
+    assert child.data.params["cluster.num_workers"] == "2"
+    assert "train/images_per_s" in child.data.metrics
+    mv = MlflowClient(uri).get_model_version_by_alias("shike-sweep-train", "candidate")
+    assert mv.run_id == child.info.run_id
