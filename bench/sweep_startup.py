@@ -1,15 +1,18 @@
 """Where a sweep trial's start-up goes: `python -m jobs.tune` on a local Ray head node.
 
-    python -m bench.sweep_startup [--trials 4] [--rounds 1] [--variants fresh reuse] [--no-record]
+    python -m bench.sweep_startup [--trials 4] [--rounds 1] [--variants reuse device] [--no-record]
 
 A sequential sweep (one trial at a time, FIFO) of `--trials` one-epoch trials of ResNet-32 on a
-tiny CIFAR-10-LT (`--head-images` in the head class, prepared from $CIFAR10_DIR) with 2 Train
-workers x 0.5 CPU, once per variant, alternated `--rounds` times against the same head (the
-machine is shared: alternating spreads its noise over both). Variants:
+tiny CIFAR-10-LT (`--head-images` in the head class, prepared from $CIFAR10_DIR), once per
+variant, alternated `--rounds` times against the same head (the machine is shared: alternating
+spreads its noise over all). Variants:
 
-- `fresh`: a new trial driver actor per trial (`reuse_actors: false` in the sweep file);
-- `reuse`: Tune hands the finished trial's driver actor to the next trial (the default of
-  sweeps without ASHA, whose stopped trials must end with their driver).
+- `fresh`: Ray Train trials (2 workers x 0.5 CPU), a new trial driver actor per trial
+  (`reuse_actors: false` in the sweep file);
+- `reuse`: Ray Train trials, Tune hands the finished trial's driver actor to the next trial
+  (their default without ASHA, whose stopped trials must end with their driver);
+- `device`: one-device trials (`trial_workers: 1`, 1 CPU): the trial runs the training loop in
+  its reused Tune actor, which keeps the decoded data.
 
 For each trial after the first, the gap from the previous trial's end (its MLflow child run's
 end time: the driver closes it once `trainer.fit()` returned) to its first training batch (the
@@ -28,7 +31,8 @@ Ray itself records (its task events, from the State API; Ray is not modified):
 6. launch: until the training function runs on them (each unpickles it: imports
    pipeline.distributed.worker, with torch, torchvision and the pipeline);
 7. first batch: until the first batch reaches rank 0's training step (the model, MLflow,
-   Ray Data's first execution of the split).
+   Ray Data's first execution of the split); for a one-device trial, everything after its
+   function started (its MLflow child run, the data, the model).
 
 Phases 1-2 come from Ray's task events (State API), 3-6 from Ray Train's controller logs (its
 `[Worker Group Initialization]` lines), 7 from the `[shike] first training batch` line.
@@ -38,6 +42,7 @@ Medians over the trials after the first of every round; the figures are seconds.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
@@ -68,6 +73,7 @@ metric: val/score
 num_samples: 1
 max_concurrent_trials: 1
 reuse_actors: {reuse}
+trial_workers: {workers}
 scheduler: {{type: none}}
 space:
   optim.peak_lr: {{grid: {grid}}}
@@ -87,7 +93,8 @@ def run_sweep(variant: str, name: str, args, work: Path, data: str, env: dict) -
         SWEEP.format(
             name=name,
             root=ROOT,
-            reuse=str(variant == "reuse").lower(),
+            reuse=str(variant != "fresh").lower(),
+            workers=1 if variant == "device" else 2,
             grid=[round(0.05 * (i + 1), 2) for i in range(args.trials)],
         )
     )
@@ -98,8 +105,7 @@ def run_sweep(variant: str, name: str, args, work: Path, data: str, env: dict) -
         "optim.stage2_start=1",
         "optim.batch_size=64",
         "train.threads=1",
-        "cluster.num_workers=2",
-        "cluster.cpus_per_worker=0.5",
+        f"cluster.cpus_per_worker={1 if variant == 'device' else 0.5}",
         f"cluster.storage_path={work}/runs",
         f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
     ]
@@ -201,29 +207,34 @@ def train_log_events(ray_dir: Path) -> list[dict]:
     return events
 
 
+def phase_seconds(trial: dict) -> dict[str, float]:
+    """Each phase's seconds, from the previous moment the trial has (a one-device trial has no
+    Ray Train phases: its first batch follows its driver), and the whole gap."""
+    out, last = {}, trial["begin"]
+    for phase in PHASES:
+        if math.isnan(trial[phase]):
+            out[phase] = float("nan")
+            continue
+        out[phase], last = trial[phase] - last, trial[phase]
+    out["total"] = trial["first batch"] - trial["begin"]
+    return out
+
+
 def summary_rows(per_variant: dict[str, list[dict]]) -> list[str]:
-    """The Markdown table: per variant the median of each phase and of the whole gap; with
-    both variants, their ratio (reuse / fresh) per column."""
-
-    def median(trials: list[dict], a: str, b: str) -> float:
-        return statistics.median(t[b] - t[a] for t in trials)
-
-    marks = ["begin", *PHASES[:-1], "begin"]  # the last column: the whole gap
+    """The Markdown table: per variant the median of each phase and of the whole gap; the
+    ratio of each variant's gap to the first variant's."""
+    columns = [*PHASES, "total"]
     rows = [
-        f"| variant | trials | {' | '.join(PHASES)} | end -> first batch |",
-        "|---|---|" + "---|" * (len(PHASES) + 1),
+        f"| variant | trials | {' | '.join(PHASES)} | end -> first batch | gap / {next(iter(per_variant))} |",
+        "|---|---|" + "---|" * (len(PHASES) + 2),
     ]
-    medians: dict[str, list[float]] = {}
+    baseline = None
     for variant, trials in per_variant.items():
-        medians[variant] = [
-            median(trials, a, b) for a, b in zip(marks, [*PHASES, "first batch"], strict=True)
-        ]
-        cells = " | ".join(f"{m:.1f}" for m in medians[variant])
-        rows.append(f"| {variant} | {len(trials)} | {cells} |")
-    if {"fresh", "reuse"} <= set(medians):
-        pairs = zip(medians["reuse"], medians["fresh"], strict=True)
-        ratios = (r / f if f > 0 else float("nan") for r, f in pairs)
-        rows.append(f"| reuse / fresh | | {' | '.join(f'{r:.2f}' for r in ratios)} |")
+        seconds = [phase_seconds(t) for t in trials]
+        medians = {c: statistics.median(s[c] for s in seconds) for c in columns}
+        baseline = baseline or medians["total"]
+        cells = " | ".join("-" if math.isnan(medians[c]) else f"{medians[c]:.1f}" for c in columns)
+        rows.append(f"| {variant} | {len(trials)} | {cells} | {medians['total'] / baseline:.2f} |")
     return rows
 
 
@@ -233,7 +244,9 @@ def main() -> None:
     )
     ap.add_argument("--trials", type=int, default=4, help="trials per sweep")
     ap.add_argument("--rounds", type=int, default=1, help="times each variant runs, alternated")
-    ap.add_argument("--variants", nargs="+", default=["fresh", "reuse"], choices=["fresh", "reuse"])
+    ap.add_argument(
+        "--variants", nargs="+", default=["reuse", "device"], choices=["fresh", "reuse", "device"]
+    )
     ap.add_argument("--head-images", type=int, default=100, help="head-class size (n_max)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
@@ -256,25 +269,20 @@ def main() -> None:
     for variant, name, run in runs:
         trials = trial_phases(run, name, tracking_uri, events)
         for i, t in enumerate(trials):
-            marks = [t["begin"], *(t[p] for p in PHASES)]
-            print(
-                f"[bench] {name} trial {i}: "
-                + " ".join(
-                    f"{p} {b - a:.1f}" for p, a, b in zip(PHASES, marks, marks[1:], strict=False)
-                )
-                + f" | total {t['first batch'] - t['begin']:.1f}"
-            )
+            cells = " ".join(f"{p} {v:.1f}" for p, v in phase_seconds(t).items())
+            print(f"[bench] {name} trial {i}: {cells}")
         per_variant[variant] += trials[1:]
 
     rows = summary_rows(per_variant)
     table = (
         f"`python -m jobs.tune` on a local head (4 logical CPUs): {args.trials} sequential "
-        f"one-epoch trials of ResNet-32 ({manifest.splits['train'].num_rows:,} training images, "
-        f"2 workers x 0.5 CPU) per sweep, the variants alternated {args.rounds} time(s); "
-        "medians over the trials after each sweep's first, in seconds (phases: the docstring "
-        "of bench/sweep_startup.py). fresh: a new trial driver process per trial (before); "
-        "reuse: Tune hands a finished trial's driver to the next (`reuse_actors`, now the "
-        "default of sweeps without ASHA)\n\n" + "\n".join(rows)
+        f"one-epoch trials of ResNet-32 ({manifest.splits['train'].num_rows:,} training images) "
+        f"per sweep, the variants alternated {args.rounds} time(s); medians over the trials "
+        "after each sweep's first, in seconds (variants and phases: the docstring of "
+        "bench/sweep_startup.py; `-`: a phase the variant does not have). reuse: Ray Train "
+        "trials of 2 workers x 0.5 CPU, the trial driver actor reused; device: one-device "
+        "trials (`trial_workers: 1`, the CIFAR default), 1 CPU, the actor reused\n\n"
+        + "\n".join(rows)
     )
     record(
         "sweep_startup",
