@@ -1,15 +1,14 @@
-"""Compute saved by ASHA: the same 8-trial grid swept with ASHA and without early stopping.
+"""Compute saved by ASHA, and wall time by one-device trials: the same 8-trial grid swept with
+ASHA on one-device trials, with ASHA on Ray Train trials, and without early stopping.
 
     python -m bench.asha_savings [--epochs 4] [--head-images 250] [--concurrency 2] [--no-record]
 
 Grid: loss.dkt_weight x optim.peak_lr (2 x 4 = 8 trials, learning rates from far too small to
 large) on CIFAR-10-LT IF100 with 250 head-class images (real CIFAR-10 from CIFAR10_DIR), SHIKE
-ResNet-32, 1 worker per trial with 1 torch thread, 2 trials at a time. Two at a time because a
-trial spends about 45 s starting (its driver, Ray Train controller and worker processes, the
-first Ray Data batches) and one trial's single thread leaves a core idle: on 2 cores the 8-trial
-grid took 762 s one at a time and 479 s two at a time (500 head images, 2026-12-02).
-Reports trial-epochs run with ASHA / trial-epochs of the full grid, and whether ASHA's best
-configuration (by val/score at the end) is the one the full grid finds.
+ResNet-32 with 1 torch thread per worker, 1 CPU per trial (one device, or 2 Ray Train workers
+x 0.5 CPU), 2 trials at a time. Reports trial-epochs run with ASHA / trial-epochs of the full
+grid, whether ASHA's best configuration (by val/score at the end) is the one the full grid
+finds, and each sweep's wall time.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ def main() -> None:
 
     import ray
 
-    from pipeline.config import load_config
+    from pipeline.config import build_config, load_config
     from pipeline.distributed.tune import SchedulerSpec, SweepSpec, run_sweep
 
     work = scratch_dir("bench-asha-")
@@ -48,7 +47,6 @@ def main() -> None:
             f"optim.stage2_start={args.epochs - 1}",
             "optim.batch_size=64",
             "cluster.num_workers=1",
-            "cluster.cpus_per_worker=1",
             "train.threads=1",
             f"cluster.storage_path={work}/runs",
             f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
@@ -61,40 +59,55 @@ def main() -> None:
     # The dashboard serves the State API that Ray Train needs to free finished trials.
     ray.init(num_cpus=2 * args.concurrency, log_to_driver=False)
     outcomes = {}
-    for kind in ("asha", "none"):
+    # (scheduler, workers per trial): 1 trains on one device in the trial's actor, 2 is a Ray
+    # Train run of 2 workers x 0.5 CPU; the same CPU per trial either way.
+    for kind, workers in (("asha", 1), ("asha", 2), ("none", 1)):
         spec = SweepSpec(
-            name=f"asha-bench-{kind}",
+            name=f"asha-bench-{kind}-{workers}",
             base_config="configs/smoke.yaml",
             num_samples=1,
             max_concurrent_trials=args.concurrency,
             space=space,
             scheduler=SchedulerSpec(type=kind, grace_period=1, reduction_factor=2),
+            trial_workers=workers,
         )
+        trial_base = build_config(base.to_dict(), values={"cluster.cpus_per_worker": 1 / workers})
         start = time.perf_counter()
-        outcomes[kind] = (run_sweep(spec, base, register=False), time.perf_counter() - start)
+        summary = run_sweep(spec, trial_base, register=False)
+        outcomes[kind, workers] = (summary, time.perf_counter() - start)
     ray.shutdown()
 
     def params(row):
         return f"dkt {row['loss.dkt_weight']}, peak lr {row['optim.peak_lr']}"
 
-    asha, asha_s = outcomes["asha"]
-    full, full_s = outcomes["none"]
+    asha, asha_s = outcomes["asha", 1]
+    train, train_s = outcomes["asha", 2]
+    full, full_s = outcomes["none", 1]
     ratio = asha["trial_epochs_run"] / asha["trial_epochs_full"]
     same = params(asha["best"]) == params(full["best"])
+
+    def row(label: str, summary: dict, seconds: float) -> str:
+        run, grid = summary["trial_epochs_run"], summary["trial_epochs_full"]
+        return (
+            f"| {label} | {run} | {grid} ({run / grid:.2f}) | {seconds:.0f} | "
+            f"{params(summary['best'])} | {summary['best']['val/score']:.3f} |"
+        )
+
     lines = [
-        f"8-trial grid (loss.dkt_weight x optim.peak_lr), {args.epochs} epochs each (stage 2 in the last), "
-        f"CIFAR-10-LT IF100 with {args.head_images} head images ({sum(manifest.class_counts)} train "
-        "images), ASHA grace 1 epoch, reduction 2, "
-        f"{args.concurrency} trials at a time",
+        f"8-trial grid (loss.dkt_weight x optim.peak_lr), {args.epochs} epochs each (stage 2 in "
+        f"the last), CIFAR-10-LT IF100 with {args.head_images} head images "
+        f"({sum(manifest.class_counts)} train images), ASHA grace 1 epoch, reduction 2, "
+        f"{args.concurrency} trials at a time, 1 CPU per trial",
         "",
         "| sweep | trial-epochs run | of a full grid | wall time (s) | best configuration | its val/score |",
         "|---|---|---|---|---|---|",
-        f"| ASHA | {asha['trial_epochs_run']} | {asha['trial_epochs_full']} ({ratio:.2f}) | {asha_s:.0f} | "
-        f"{params(asha['best'])} | {asha['best']['val/score']:.3f} |",
-        f"| no early stopping | {full['trial_epochs_run']} | {full['trial_epochs_full']} (1.00) | {full_s:.0f} | "
-        f"{params(full['best'])} | {full['best']['val/score']:.3f} |",
+        row("ASHA, one-device trials", asha, asha_s),
+        row("ASHA, Ray Train trials (2 x 0.5 CPU)", train, train_s),
+        row("no early stopping, one-device trials", full, full_s),
         "",
-        f"Same best configuration with and without early stopping: {'yes' if same else 'no'}.",
+        f"Wall time of the ASHA sweep, Ray Train trials / one-device trials: "
+        f"{train_s / asha_s:.1f}x. ASHA ran {ratio:.2f} of the full grid's trial-epochs; same "
+        f"best configuration with and without early stopping: {'yes' if same else 'no'}.",
         "",
         "| configuration | ASHA: epochs run | ASHA: last val/score | no early stopping: val/score |",
         "|---|---|---|---|",
