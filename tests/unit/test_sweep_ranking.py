@@ -1,5 +1,6 @@
 """Which trial a sweep registers (`pipeline.distributed.tune.best_trial`): finished trials
-first, errors never, and a missing or NaN metric ranks last in both modes."""
+first, errors never, and a missing or NaN metric ranks last in both modes; and how many
+workers a trial gets (`SweepSpec.workers_per_trial`)."""
 
 import math
 
@@ -30,3 +31,26 @@ def test_a_finished_trial_beats_a_better_one_stopped_early_and_errors_never_win(
 def test_only_nan_trials_still_give_one_and_all_failed_gives_none():
     assert best_trial([_row("a", math.nan)], "val/score", "min", EPOCHS)["trial_id"] == "a"
     assert best_trial([_row("a", 0.5, error="E")], "val/score", "max", EPOCHS) is None
+
+
+@pytest.mark.parametrize(
+    "preset, trial_workers, expected",
+    [
+        ("configs/smoke.yaml", None, 1),  # CIFAR: one device per trial
+        ("configs/imagenet_lt_smoke.yaml", None, "cluster"),  # the preset's Train workers
+        ("configs/smoke.yaml", 3, 3),  # as the sweep file says
+    ],
+)
+def test_workers_per_trial(preset, trial_workers, expected):
+    from pipeline.config import load_config
+    from pipeline.distributed.tune import SweepSpec
+
+    base = load_config(preset)
+    spec = SweepSpec(
+        name="s",
+        base_config=preset,
+        trial_workers=trial_workers,
+        space={"loss.tau": {"choice": [1]}},
+    )
+    want = base.cluster.num_workers if expected == "cluster" else expected
+    assert spec.workers_per_trial(base) == want
