@@ -6,7 +6,9 @@
 
 Relaunching with the same --run-name resumes from its latest checkpoint and continues the
 same MLflow run; a launch while another of the same run name is alive is refused (exit 1,
-one line naming the owner).
+one line naming the owner). Ctrl-C stops the run: Ray Train's workers are stopped, the MLflow
+run ends KILLED, and one line says which checkpoint is kept and the command that resumes (exit
+130).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console.setup_console(args.verbose)
     from pipeline.data import DataError
-    from pipeline.distributed.train import TrainingJobError, run_training_job
+    from pipeline.distributed.train import TrainingInterrupted, TrainingJobError, run_training_job
     from pipeline.storage import StorageError
     from pipeline.tracking.runs import TrackingError, resolve_tracking_uri
 
@@ -79,13 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.cluster.cpus_per_worker:g} CPU{gpu[cfg.cluster.use_gpu]} | MLflow: {uri}, "
         f"experiment '{cfg.tracking.experiment}'"
     )
+    resume = resume_command(argv, args.run_name or cfg.name)
     try:
         outcome = run_training_job(
-            cfg,
-            args.run_name,
-            register=False if args.no_register else None,
-            resume_command=resume_command(argv, args.run_name or cfg.name),
+            cfg, args.run_name, register=False if args.no_register else None, resume_command=resume
         )
+    except TrainingInterrupted as exc:  # Ctrl-C: a stop, with the shell's status for SIGINT
+        print(exc, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's run was being closed
+        name = args.run_name or cfg.name
+        print(f"training run '{name}' interrupted; resume with: {resume}", file=sys.stderr)
+        return 130
     except (DataError, StorageError, TrackingError, TrainingJobError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

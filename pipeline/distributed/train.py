@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import Config
-from pipeline.data.manifest import Manifest
+from pipeline.data.manifest import Manifest, data_identity
 from pipeline.data.readers.ray_reader import training_datasets
 from pipeline.distributed import console, run_lease, run_storage
 from pipeline.distributed.capacity import CapacityError, wait_for_capacity
@@ -41,6 +43,10 @@ from pipeline.training.session import NonFiniteLossError
 
 class TrainingJobError(RuntimeError):
     """The training job could not start or did not finish; the message says why."""
+
+
+class TrainingInterrupted(TrainingJobError):
+    """Ctrl-C stopped the training job; the message says what was kept and how to resume."""
 
 
 @dataclass
@@ -169,6 +175,7 @@ def open_tracked_run(
         "tracking_uri": uri,
         "run_id": logger.run_id,
         "eval_splits": read[1:],
+        "data_identity": data_identity(manifest),  # what the checkpoints record
     }
     return datasets, logger, loop_config
 
@@ -192,6 +199,17 @@ def run_training_job(
     resume_command = (
         resume_command or f"python -m jobs.train --config <config> --run-name {run_name}"
     )
+    try:
+        return _run_training_job(cfg, run_name, register, resume_command)
+    except KeyboardInterrupt:
+        # Reached once the run is over: Ray Train stopped, the MLflow run ended KILLED, the
+        # lease released. A stop the operator asked for, not a failure: one line, no traceback.
+        raise TrainingInterrupted(interrupt_message(cfg, run_name, resume_command)) from None
+
+
+def _run_training_job(
+    cfg: Config, run_name: str, register: bool | None, resume_command: str
+) -> TrainingOutcome:
     with preflight(cfg, run_name, TrainingJobError, command=resume_command) as launch:
         took_over = launch.lease.took_over
         if took_over:
@@ -251,7 +269,7 @@ def _train_and_register(
         except CapacityError as exc:
             raise TrainingJobError(f"training run '{run_name}' cannot start: {exc}") from None
         try:
-            result = trainer.fit()
+            result = _fit(trainer)
         except Exception as exc:  # TrainingFailedError and friends: report, keep the checkpoints
             raise TrainingJobError(
                 failure_message(cfg, run_name, _root_cause(exc), resume_command)
@@ -282,14 +300,49 @@ def _train_and_register(
     return TrainingOutcome(run_name, run_id, dict(result.metrics), result.checkpoint.path, version)
 
 
-def failure_message(cfg: Config, run_name: str, cause: str, resume_command: str) -> str:
-    """`training run 'x' failed: <cause>` + what was kept + the command that resumes."""
+def _fit(trainer: TorchTrainer):
+    """`trainer.fit()`; a Ctrl-C during it raises KeyboardInterrupt, once Ray Train has stopped.
+
+    In the main thread, Ray Train 2.60 installs its own SIGINT handler for the run: the first
+    Ctrl-C aborts it (the controller shuts the worker group down, then exits) and then calls
+    `sys.exit(0)`; as the handler runs inside the driver's `ray.get`, Ray turns that into
+    SystemExit(1), which would end the driver with status 1, a FAILED run and no word. A third
+    Ctrl-C calls `sys.exit(0)` at once. So a SystemExit out of fit() is a Ctrl-C. Ray leaves its
+    handler installed, aiming at a controller that is gone (a Ctrl-C while the model is
+    registered would then be swallowed or exit 0): the previous handler is put back.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
+def _kept_checkpoint(cfg: Config, run_name: str) -> tuple[int, str]:
+    """(epochs completed, what was kept) by the run's latest registered checkpoint."""
     kept = run_storage.latest_checkpoint(cfg, run_name)
     if kept is None:
-        saved = "no checkpoint was registered, so a relaunch starts over"
-    else:
-        saved = f"the checkpoint of epoch {kept.epoch} is kept ({kept.path})"
+        return 0, "no checkpoint was registered, so a relaunch starts over"
+    return kept.epoch, f"the checkpoint of epoch {kept.epoch} is kept ({kept.path})"
+
+
+def failure_message(cfg: Config, run_name: str, cause: str, resume_command: str) -> str:
+    """`training run 'x' failed: <cause>` + what was kept + the command that resumes."""
+    saved = _kept_checkpoint(cfg, run_name)[1]
     return f"training run '{run_name}' failed: {cause}; {saved}; resume with: {resume_command}"
+
+
+def interrupt_message(cfg: Config, run_name: str, resume_command: str) -> str:
+    """`training run 'x' interrupted at epoch N of M` + what was kept + the command that
+    resumes (N: the epochs of the kept checkpoint, where a relaunch goes on from)."""
+    epoch, saved = _kept_checkpoint(cfg, run_name)
+    return (
+        f"training run '{run_name}' interrupted at epoch {epoch} of {cfg.optim.epochs}; "
+        f"{saved}; resume with: {resume_command}"
+    )
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -1,0 +1,92 @@
+"""Ctrl-C on a jobs.train driver (issue 35, point 5): a stop, not a failure.
+
+The driver is connected to the session's Ray cluster (RAY_ADDRESS), as under `ray job submit`:
+its Train actors live in that cluster, so they must be gone when the driver says it stopped.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers.checkpoints import registered_checkpoint
+from tests.helpers.processes import interrupt, start_driver
+from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(RAY_JOB_TEST_TIMEOUT_S)]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _live_train_actors() -> set[str]:
+    """Ids of the cluster's live actors of Ray Train runs: controllers and workers (not the
+    cluster's one detached TrainStateActor, which outlives every run by design)."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(
+        filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False
+    )
+    run_actors = ("TrainController", "RayTrainWorker")
+    return {a.actor_id for a in alive if any(name in a.class_name for name in run_actors)}
+
+
+def test_ctrl_c_stops_the_run_keeps_its_checkpoint_and_says_how_to_resume(
+    ray_cluster, tiny_dataset, tmp_path
+):
+    """SIGINT mid-run, after the first registered checkpoint: within 30 s the driver exits 130
+    with one line (the epoch reached, the checkpoint kept, the command that resumes) and no
+    traceback; its MLflow run is KILLED, not FAILED; no Train actor of it is left alive."""
+    name = "ctrl-c"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = {
+        "data.uri": tiny_dataset,
+        "model.arch": "resnet32",  # any two-stage model; this one is cheapest on CPU
+        "optim.epochs": 30,  # far more than run before the SIGINT: it lands mid-epoch
+        "optim.stage2_start": 29,
+        "optim.batch_size": 32,
+        "cluster.num_workers": 1,
+        "cluster.cpus_per_worker": 0.5,
+        "cluster.storage_path": str(tmp_path / "runs"),
+        "tracking.tracking_uri": uri,
+        "train.threads": 1,
+    }
+    args = ["--config", "configs/smoke.yaml", "--run-name", name]
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    before = _live_train_actors()
+    proc = start_driver([sys.executable, "-m", "jobs.train", *args], ROOT, ray_cluster.env)
+    deadline = time.monotonic() + 240
+    while registered_checkpoint(tmp_path / "runs", name) is None:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint was registered in 240 s"
+        time.sleep(0.3)
+
+    assert _live_train_actors() - before, "the run's Train actors are not seen: the check is void"
+    sent = time.monotonic()
+    out = interrupt(proc, timeout=30)
+    assert time.monotonic() - sent < 30, out[-3000:]
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    kept = registered_checkpoint(tmp_path / "runs", name)
+    lines = [ln for ln in out.splitlines() if "interrupted at epoch" in ln]
+    assert len(lines) == 1, out[-3000:]
+    [line] = lines
+    assert f"training run '{name}' interrupted at epoch {kept.epoch} of 30" in line, line
+    assert f"the checkpoint of epoch {kept.epoch} is kept ({kept.path})" in line, line
+    assert line.endswith(f"resume with: {shlex.join(['python', '-m', 'jobs.train', *args])}")
+
+    client = MlflowClient(uri)
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("shike").experiment_id],
+        f"tags.`shike.run_name` = '{name}'",
+    )
+    assert run.info.status == "KILLED"
+    # The driver's actors die with it, but the cluster notices its exit a moment later.
+    deadline = time.monotonic() + 15
+    while (left := _live_train_actors() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Train actors still alive after the driver exited: {left}"
