@@ -369,3 +369,54 @@ def read_manifest(uri: str, s3: S3Options | None = None) -> Manifest:
             )
     manifest.uri, manifest.filesystem, manifest.root = str(uri), fs, root
     return manifest
+
+
+# ---- what identifies a run's data ------------------------------------------------------------
+
+
+def manifest_hash(manifest: Mapping[str, Any] | Manifest) -> str:
+    """Stable 16-hex hash of a manifest's content (a `Manifest` or the plain dict): where it
+    is read from does not enter, so the same data moved elsewhere keeps its hash. The MLflow
+    tag `shike.dataset_manifest_hash`, a run's data record and its checkpoints all carry it."""
+    data = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def data_identity(manifest: Manifest) -> dict[str, Any]:
+    """What a run records of the data it trains, in its storage folder and every checkpoint:
+    the manifest's hash (what must match on resume) and, to name it in messages, the dataset,
+    its imbalance factor and the URI it was read from. Plain types: it travels in Ray's loop
+    config and in a weights-only checkpoint."""
+    return {
+        "dataset": manifest.dataset,
+        "imbalance_factor": float(manifest.imbalance_factor),
+        "manifest_hash": manifest_hash(manifest),
+        "uri": manifest.uri,
+    }
+
+
+def same_data(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether two `data_identity` records are one dataset: the manifest hash decides (the
+    URI may differ: data moved between launches is the same data)."""
+    return recorded.get("manifest_hash") == current.get("manifest_hash")
+
+
+def describe_data(identity: Mapping[str, Any]) -> str:
+    """`cifar10 IF 100 (manifest 1a2b3c4d5e6f) from s3://data/c10-if100`."""
+    factor = identity.get("imbalance_factor")
+    shown = f" IF {float(factor):g}" if factor is not None else ""
+    digest = str(identity.get("manifest_hash", "?"))[:12]
+    where = f" from {identity['uri']}" if identity.get("uri") else ""
+    return f"{identity.get('dataset', '?')}{shown} (manifest {digest}){where}"
+
+
+def data_refusal(what: str, recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """The one line refusing to continue on `current` what was started on `recorded`, and the
+    two ways out. `what`: "run 'x' was started on", "checkpoint <path> was trained on"."""
+    original = f" (--set data.uri={recorded['uri']})" if recorded.get("uri") else ""
+    return (
+        f"{what} {describe_data(recorded)}, but this launch reads {describe_data(current)}: a "
+        f"run continues on the data it started with; relaunch with the original data{original} "
+        "or use a new run name"
+    )

@@ -1,6 +1,8 @@
 """The checks every launch makes before Ray starts, written once for training runs and sweeps:
-the data is set and sound, the recipe can run on Ray, the tracking server answers, and this
-launch holds the run name's lease. Each failure is one line, raised as the caller's error type.
+the data is set and sound, the outputs are not written into Ray's temporary copy of a submitted
+job's working directory, the recipe can run on Ray, the tracking server answers, this launch
+holds the run name's lease, and it reads the data the name was started with. Each failure is
+one line, raised as the caller's error type, before anything is written to the MLflow run.
 """
 
 from __future__ import annotations
@@ -8,11 +10,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import Config
 from pipeline.data.integrity import verify_dataset
-from pipeline.data.manifest import Manifest, read_manifest
-from pipeline.distributed import run_lease
+from pipeline.data.manifest import Manifest, data_identity, data_refusal, read_manifest, same_data
+from pipeline.distributed import run_lease, run_storage
+from pipeline.distributed.submission import settings_inside_ray_copy
 from pipeline.tracking.store import check_tracking_server, resolve_tracking_uri
 from pipeline.training.session import ENGINE_ONLY_GRAPHS
 
@@ -24,6 +28,7 @@ class Launch:
     manifest: Manifest  # cfg.data.uri's, read and verified once
     tracking_uri: str
     lease: run_lease.RunLease
+    data: dict[str, Any]  # the manifest's `data_identity`: what checkpoints record
 
 
 @contextlib.contextmanager
@@ -40,14 +45,34 @@ def preflight(
         )
     if cfg.train.cuda_graphs:
         raise error(ENGINE_ONLY_GRAPHS)
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    inside_ray_copy = settings_inside_ray_copy(cfg, uri)  # under `ray job submit --working-dir`
+    if inside_ray_copy:
+        raise error(inside_ray_copy)
     # The manifest's checksum, and its class counts against the labels in the shards: wrong
     # counts would train wrong class priors.
     manifest = verify_dataset(read_manifest(cfg.data.uri))
-    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_server(uri)
     try:
         lease = run_lease.acquire(cfg.cluster.storage_path, name, command=command)
     except run_lease.LeaseHeldError as exc:
         raise error(str(exc)) from None
     with lease:
-        yield Launch(manifest, uri, lease)
+        data = _same_data_as_before(cfg, name, manifest, error)
+        yield Launch(manifest, uri, lease, data)
+
+
+def _same_data_as_before(
+    cfg: Config, name: str, manifest: Manifest, error: type[Exception]
+) -> dict[str, Any]:
+    """The launch's data identity, checked against the one the name was first launched with
+    (issue 35: a relaunch with another dataset resumed the old checkpoint and logged its
+    splits into the old MLflow run). The first launch, or the first since the record existed,
+    records it; checked under the lease, so two first launches cannot both record."""
+    data = data_identity(manifest)
+    recorded = run_storage.data_record(cfg, name)
+    if recorded is None:
+        run_storage.write_data_record(cfg, name, data)
+    elif not same_data(recorded, data):
+        raise error(data_refusal(f"run '{name}' was started on", recorded, data))
+    return data

@@ -74,6 +74,7 @@ def device_trial(params: dict[str, Any], *, base: dict, sweep: dict, context: di
     import ray.tune
     import torch
 
+    from pipeline.data.manifest import data_identity
     from pipeline.distributed.worker import announce_first_batch, report_epoch
     from pipeline.tracking import runs
     from pipeline.training.fit import fit
@@ -94,7 +95,9 @@ def device_trial(params: dict[str, Any], *, base: dict, sweep: dict, context: di
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     inputs = _inputs(cfg, manifest, device)
-    session = TrainingSession(cfg, list(manifest.class_counts), device)
+    session = TrainingSession(
+        cfg, list(manifest.class_counts), device, data_identity=data_identity(manifest)
+    )
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is None:
         session.start(None)

@@ -157,7 +157,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    session = _start_session(cfg, loop_config["class_counts"], device, lead)
+    session = _start_session(
+        cfg, loop_config["class_counts"], device, lead, loop_config["data_identity"]
+    )
     recorder = None
     if lead:
         logger = runs.RunLogger(uri, run_id)
@@ -189,10 +191,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _start_session(
-    cfg: Config, class_counts: list[int], device: torch.device, lead: bool
+    cfg: Config, class_counts: list[int], device: torch.device, lead: bool, data: dict
 ) -> TrainingSession:
-    """The worker's `TrainingSession` under DDP, fresh or from Ray Train's latest checkpoint."""
-    session = TrainingSession(cfg, class_counts, device, wrap=_ddp_wrapper(device))
+    """The worker's `TrainingSession` under DDP, fresh or from Ray Train's latest checkpoint
+    (which must have been trained on the same `data`)."""
+    session = TrainingSession(
+        cfg, class_counts, device, wrap=_ddp_wrapper(device), data_identity=data
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         session.start(None)

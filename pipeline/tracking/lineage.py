@@ -1,7 +1,7 @@
 """What MLflow shows of a run besides its params and metrics: the data it read, as dataset
 inputs ("Datasets" in the UI), and the machine it ran on, as system metrics.
 
-    client.log_inputs(run_id, datasets=dataset_inputs(manifest, ["train", "val"], digest=...))
+    client.log_inputs(run_id, datasets=dataset_inputs(manifest, ["train", "val"]))
     with system_metrics(uri, run_id):           # system/cpu_utilization_percentage, ...
         train()
 
@@ -12,6 +12,7 @@ its training inside `system_metrics`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -95,14 +96,24 @@ def _dataset_schema(manifest: Any) -> str | None:
     return json.dumps({"mlflow_colspec": Schema(specs).to_dict()}) if specs else None
 
 
+def split_digest(manifest: Any, split: str) -> str:
+    """MLflow's digest of one split: 16 hex of the sha256 of its shards' checksums, in order.
+    A function of the split's bytes only, so two datasets sharing a split (the same val images
+    under two imbalance factors) share its digest, and no two splits of one dataset do (unless
+    one lists the other's very shards, `split_aliases`)."""
+    shards = manifest.splits[split].shards
+    blob = "\n".join(f"{s.sha256} {s.num_rows}" for s in shards)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def dataset_inputs(
-    manifest: Any, splits: Sequence[str], *, digest: str, uri: str | None = None
+    manifest: Any, splits: Sequence[str], *, uri: str | None = None
 ) -> list[DatasetInput]:
     """MLflow dataset inputs for `splits` of a prepared dataset (a `Manifest`): name
-    `dataset_name`, digest `digest` (the manifest hash, `tracking.manifest_hash`), source the dataset folder's URI (`uri`, default
-    `dataset_location`; passwords masked, credentials refused), the shards' column schema, a
-    profile of the split (rows, classes, per-class counts, shards) and the input tag
-    `mlflow.data.context` (training / validation / testing)."""
+    `dataset_name`, digest `split_digest` (from the split's shards' checksums), source the
+    dataset folder's URI (`uri`, default `dataset_location`; passwords masked, credentials
+    refused), the shards' column schema, a profile of the split (rows, classes, per-class
+    counts, shards) and the input tag `mlflow.data.context` (training / validation / testing)."""
     location = dataset_location(manifest) if uri is None else uri
     schema = _dataset_schema(manifest)
     aliases = getattr(manifest, "split_aliases", None) or {}
@@ -121,7 +132,7 @@ def dataset_inputs(
             profile["same_shards_as"] = aliases[split]
         dataset = Dataset(
             name=name,
-            digest=digest,
+            digest=split_digest(manifest, split),
             source_type=_source_type(location),
             source=json.dumps({"uri": source}),
             schema=schema,

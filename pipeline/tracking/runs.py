@@ -22,7 +22,6 @@ module's API too). Params and tags come from the config, which holds no credenti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import EXECUTION_SETTINGS
 from pipeline.credentials import redact_uri
+from pipeline.data.manifest import manifest_hash as _manifest_hash
 from pipeline.evaluation import plots
 from pipeline.evaluation.metrics import SCALAR_RESULTS
 from pipeline.evaluation.reports import per_class_csv, per_class_rows
@@ -202,10 +202,9 @@ def git_commit() -> tuple[str | None, bool | None]:
 
 
 def manifest_hash(manifest: Mapping[str, Any] | Any) -> str:
-    """Stable 16-hex hash of a dataset manifest (a dict or an object with `to_dict()`)."""
-    data = manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest)
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """Stable 16-hex hash of a dataset manifest (a dict or an object with `to_dict()`): the data
+    layer's (`pipeline.data.manifest.manifest_hash`), which run records and checkpoints carry."""
+    return _manifest_hash(manifest.to_dict() if hasattr(manifest, "to_dict") else manifest)
 
 
 def standard_tags(cfg: Config, manifest_hash: str | None = None) -> dict[str, str]:
@@ -306,9 +305,10 @@ class RunLogger:
         self, manifest: Any, splits: Sequence[str], *, uri: str | None = None
     ) -> list[DatasetInput]:
         """`splits` of the dataset as the run's MLflow dataset inputs (`dataset_inputs`; shown
-        under "Datasets" in the UI). Idempotent: inputs the run already has (same name and
-        digest) are not logged again, so a resumed run keeps one input per split."""
-        wanted = dataset_inputs(manifest, splits, digest=manifest_hash(manifest), uri=uri)
+        under "Datasets" in the UI), each with its own digest (`lineage.split_digest`).
+        Idempotent: inputs the run already has (same name and digest) are not logged again, so
+        a resumed run keeps one input per split."""
+        wanted = dataset_inputs(manifest, splits, uri=uri)
         run = self.client.get_run(self.run_id)
         have = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
         todo = [d for d in wanted if (d.dataset.name, d.dataset.digest) not in have]

@@ -2,9 +2,11 @@
 
 A checkpoint is one `state.pt` file holding: model, optimizer, LR schedule position (epoch and
 stage; the schedule itself is a pure function of them), grad scaler, RNG states of torch /
-numpy / python, the config hash, and the recipe (`Config.recipe`: every setting but where and
-how the run executes, which a resume must match). Loading uses `weights_only=True`: everything
-stored is a tensor or a plain Python container, so no pickled code is ever executed.
+numpy / python, the config hash, the recipe (`Config.recipe`: every setting but where and
+how the run executes, which a resume must match) and, when the driver knows it, the data
+(`pipeline.data.manifest.data_identity`, whose manifest hash a resume must match too).
+Loading uses `weights_only=True`: everything stored is a tensor or a plain Python container,
+so no pickled code is ever executed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.data.manifest import data_refusal, same_data
 from pipeline.models import build_model
 from pipeline.storage import display, read_bytes, resolve
 
@@ -83,10 +86,14 @@ def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path
 
 
 def load_checkpoint(
-    directory: str | os.PathLike, expected_recipe: dict[str, Any] | None = None
+    directory: str | os.PathLike,
+    expected_recipe: dict[str, Any] | None = None,
+    expected_data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint weights-only; refuse one trained under another recipe, naming the
-    settings that differ (execution settings such as device or AMP may differ)."""
+    settings that differ (execution settings such as device or AMP may differ), or on other
+    data than `expected_data`, naming both (a checkpoint without a data record, written before
+    checkpoints had one, is not checked)."""
     path = Path(directory) / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -108,6 +115,11 @@ def load_checkpoint(
                 f"checkpoint {path} was trained under another recipe ({'; '.join(differ)}): "
                 "refusing to resume it"
             )
+    recorded = state.get("data")
+    if expected_data is not None and recorded and not same_data(recorded, expected_data):
+        raise CheckpointError(
+            data_refusal(f"checkpoint {path} was trained on", recorded, expected_data)
+        )
     return state
 
 

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.config import Config, ConfigError, add_override_argument, load_config
 from pipeline.data import DataError
-from pipeline.data.manifest import Manifest
+from pipeline.data.manifest import Manifest, data_identity, read_manifest
 from pipeline.data.readers.batch_augment import (
     BatchAugment,
     FinishedBatches,
@@ -148,7 +148,9 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     else:
         inputs = streamed_inputs(cfg, manifest, device)
     log(f"data: {inputs.summary}; device {device}")
-    session = TrainingSession(cfg, inputs.class_counts, device)
+    # A checkpoint of prepared shards records them, and resumes only on the same data.
+    data = data_identity(read_manifest(cfg.data.uri)) if cfg.data.uri else None
+    session = TrainingSession(cfg, inputs.class_counts, device, data_identity=data)
     resume = checkpoint_dir and (Path(checkpoint_dir) / "state.pt").exists()
     session.start(checkpoint_dir if resume else None)
     if resume:

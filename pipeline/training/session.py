@@ -205,7 +205,9 @@ class TrainingSession:
 
     `wrap` turns the bare model into what forward/backward run through (identity here, DDP in
     the distributed layer); it is called again at the stage switch because the set of trainable
-    parameters changes.
+    parameters changes. `data_identity` (`pipeline.data.manifest.data_identity` of the data
+    the driver reads) goes into every checkpoint, and a checkpoint of other data is refused on
+    resume; None (a driver that does not know its manifest) records and checks nothing.
     """
 
     def __init__(
@@ -214,8 +216,10 @@ class TrainingSession:
         class_counts: list[int],
         device: torch.device,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        data_identity: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.data_identity = dict(data_identity) if data_identity else None
         self.class_counts = list(class_counts)
         self.device = device
         # The captured step replays one process's kernels; DDP's collectives are not in it.
@@ -310,6 +314,7 @@ class TrainingSession:
         return {
             "config_hash": self.cfg.config_hash(),  # which exact config wrote it (MLflow tag)
             "recipe": self.cfg.recipe(),  # what a resume must match
+            "data": self.data_identity,  # ... and the data it was trained on
             "epoch": self.epoch,
             "stage": self.stage,
             "model": self.model.state_dict(),
@@ -338,4 +343,8 @@ class TrainingSession:
         return save_checkpoint(directory, self.state_dict())
 
     def restore(self, directory: str | Path) -> None:
-        self.load_state_dict(load_checkpoint(directory, expected_recipe=self.cfg.recipe()))
+        self.load_state_dict(
+            load_checkpoint(
+                directory, expected_recipe=self.cfg.recipe(), expected_data=self.data_identity
+            )
+        )

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.data.manifest import read_manifest
+from pipeline.tracking import lineage
 from tests.helpers.checkpoints import registered_checkpoint
 from tests.helpers.processes import start_driver
 from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S, submit_job, train_workers
@@ -292,7 +294,11 @@ def test_submitted_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {f"cifar10-lt-if4-{split}" for split in ("train", "val", "test")}
     digest = run.data.tags["shike.dataset_manifest_hash"]
-    assert {d.dataset.digest for d in inputs.values()} == {digest}
+    manifest = read_manifest(tiny_dataset)  # each split's digest: its own shards
+    assert {name: d.dataset.digest for name, d in inputs.items()} == {
+        f"cifar10-lt-if4-{split}": lineage.split_digest(manifest, split)
+        for split in ("train", "val", "test")
+    }
     train_input = inputs["cifar10-lt-if4-train"]
     assert [(t.key, t.value) for t in train_input.tags] == [("mlflow.data.context", "training")]
     assert json.loads(train_input.dataset.source) == {"uri": Path(tiny_dataset).as_uri()}
@@ -318,6 +324,30 @@ def test_submitted_two_worker_run_tracks_and_registers(ray_cluster, tiny_dataset
     assert "Downloading artifacts" not in console, console[-3000:]
     deprecated = [ln for ln in lines if "DeprecationWarning" in ln or "is deprecated" in ln]
     assert not deprecated, deprecated
+
+
+def test_submitted_job_refuses_outputs_in_rays_copy_of_the_working_dir(
+    ray_cluster, tiny_dataset, tmp_path
+):
+    """Under `ray job submit --working-dir .` the job runs in Ray's temporary copy of the tree:
+    with the default MLflow store and checkpoint folder (relative to it) it is refused at
+    once with one line naming both, and nothing is written in the copy."""
+    env = {k: v for k, v in ray_cluster.env.items() if k != "MLFLOW_TRACKING_URI"}
+    entry = [
+        *_train_cmd(tmp_path, tiny_dataset, "in-copy")[:7],
+        "--set",
+        f"data.uri={tiny_dataset}",
+    ]
+    proc = submit_job(ray_cluster.dashboard, entry, ROOT, env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    # one line (ray job submit may echo it from the job's log as well as print it)
+    [line] = {ln for ln in out.splitlines() if "temporary copy of the working directory" in ln}
+    named = line.split(" must name")[0]
+    assert "tracking.tracking_uri" in named and "cluster.storage_path" in named, line
+    assert "data.uri" not in named, line  # an absolute path: outside the copy
+    copies = list(ray_cluster.tmp_dir.glob("session_*/runtime_resources/working_dir_files/*"))
+    assert copies and not any((c / "mlflow.db").exists() or (c / "runs").exists() for c in copies)
 
 
 def test_unreachable_tracking_server_fails_before_workers_start(tiny_dataset, tmp_path):

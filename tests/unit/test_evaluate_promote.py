@@ -43,7 +43,7 @@ from jobs import evaluate as evaluate_job  # noqa: E402
 from jobs import promote as promote_job  # noqa: E402
 from pipeline.evaluation import evaluate, promotion, reports  # noqa: E402
 from pipeline.evaluation.scoring import EvaluationError  # noqa: E402
-from pipeline.tracking import registry, runs, versions  # noqa: E402
+from pipeline.tracking import lineage, registry, runs, versions  # noqa: E402
 from pipeline.tracking.versions import RegistryError  # noqa: E402
 from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
 
@@ -317,7 +317,7 @@ def test_evaluate_job_prints_writes_csv_and_logs_one_run(dataset, store, models,
     # The evaluated split is the run's one dataset input, logged once over both evaluations.
     [entry] = run.inputs.dataset_inputs
     assert entry.dataset.name == "cifar10-lt-if3-val"
-    assert entry.dataset.digest == digest
+    assert entry.dataset.digest == lineage.split_digest(manifest, "val")  # the split's own
     assert json.loads(entry.dataset.source) == {"uri": Path(uri).resolve().as_uri()}
     profile = json.loads(entry.dataset.profile)
     assert profile["num_rows"] == 60 and profile["class_counts"] == [6] * 10

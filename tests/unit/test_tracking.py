@@ -321,14 +321,13 @@ def test_dataset_inputs_name_digest_source_profile_and_context(store, tmp_path):
     assert len(logged) == 3
     assert runs.run_name_of(store, run_id) == "inputs-run"
     inputs = _inputs(store, run_id)
-    digest = runs.manifest_hash(manifest)
-    assert digest == runs.manifest_hash(manifest.to_dict())  # the run's manifest tag
+    assert runs.manifest_hash(manifest) == runs.manifest_hash(manifest.to_dict())  # the run's tag
     contexts = {"train": "training", "val": "validation", "test": "testing"}
     assert set(inputs) == {f"cifar10-lt-if10-{split}" for split in contexts}
     for split, context in contexts.items():
         entry = inputs[f"cifar10-lt-if10-{split}"]
         dataset = entry.dataset
-        assert dataset.digest == digest
+        assert dataset.digest == lineage.split_digest(manifest, split)  # its own shards'
         assert dataset.source_type == "local"
         assert json.loads(dataset.source) == {"uri": (tmp_path / "c10-lt").as_uri()}
         profile = json.loads(dataset.profile)
@@ -342,6 +341,7 @@ def test_dataset_inputs_name_digest_source_profile_and_context(store, tmp_path):
             ("label", "long"),
             ("sample_id", "string"),
         ]
+    assert len({entry.dataset.digest for entry in inputs.values()}) == 3
     assert json.loads(inputs["cifar10-lt-if10-train"].dataset.profile)["class_counts"] == [
         30, 23, 17, 13, 10, 8, 6, 5, 3, 3,
     ]  # fmt: skip
@@ -375,7 +375,7 @@ def test_dataset_inputs_s3_source_without_credentials(store, tmp_path, monkeypat
     assert json.loads(dataset.source) == {"uri": "s3://reader:***@bucket/datasets/c10"}
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     with pytest.raises(TrackingError, match="AWS_SECRET_ACCESS_KEY"):
-        lineage.dataset_inputs(manifest, ["val"], digest="d", uri="s3://bucket/s3cr3t-value/c10")
+        lineage.dataset_inputs(manifest, ["val"], uri="s3://bucket/s3cr3t-value/c10")
 
 
 # ---- system metrics ----------------------------------------------------------------------------
