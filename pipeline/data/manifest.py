@@ -420,3 +420,20 @@ def data_refusal(what: str, recorded: Mapping[str, Any], current: Mapping[str, A
         f"run continues on the data it started with; relaunch with the original data{original} "
         "or use a new run name"
     )
+
+
+def data_settings(manifest: Manifest) -> dict[str, Any]:
+    """The training config's `data.*` keys that describe what was prepared, as the manifest
+    records them (`{"data.imbalance_factor": 10.0, ...}`; keys it leaves unset are left out).
+    A training job takes them from here, not from its config file: the data is what it is."""
+    settings: dict[str, Any] = {
+        "data.dataset": manifest.dataset,
+        "data.imbalance_factor": float(manifest.imbalance_factor),
+        "data.n_max": manifest.n_max,
+        "data.val_per_class": manifest.val_per_class,
+        "data.test_per_class": manifest.test_per_class,
+    }
+    if manifest.selection is not None:
+        settings["data.selection"] = manifest.selection.rule
+        settings["data.selection_seed"] = manifest.selection.seed
+    return {k: v for k, v in settings.items() if v is not None}

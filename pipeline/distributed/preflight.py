@@ -12,10 +12,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError, build_config
 from pipeline.data.integrity import verify_dataset
-from pipeline.data.manifest import Manifest, data_identity, data_refusal, read_manifest, same_data
-from pipeline.distributed import run_lease, run_storage
+from pipeline.data.manifest import (
+    Manifest,
+    data_identity,
+    data_refusal,
+    data_settings,
+    read_manifest,
+    same_data,
+)
+from pipeline.distributed import console, run_lease, run_storage
 from pipeline.distributed.submission import settings_inside_ray_copy
 from pipeline.tracking.store import check_tracking_server, resolve_tracking_uri
 from pipeline.training.session import ENGINE_ONLY_GRAPHS
@@ -25,6 +32,7 @@ from pipeline.training.session import ENGINE_ONLY_GRAPHS
 class Launch:
     """What a launch that passed its checks works with."""
 
+    config: Config  # the launch's, with the data settings the manifest records
     manifest: Manifest  # cfg.data.uri's, read and verified once
     tracking_uri: str
     lease: run_lease.RunLease
@@ -52,6 +60,7 @@ def preflight(
     # The manifest's checksum, and its class counts against the labels in the shards: wrong
     # counts would train wrong class priors.
     manifest = verify_dataset(read_manifest(cfg.data.uri))
+    cfg = _with_data_settings(cfg, manifest, error)
     check_tracking_server(uri)
     try:
         lease = run_lease.acquire(cfg.cluster.storage_path, name, command=command)
@@ -59,7 +68,7 @@ def preflight(
         raise error(str(exc)) from None
     with lease:
         data = _same_data_as_before(cfg, name, manifest, error)
-        yield Launch(manifest, uri, lease, data)
+        yield Launch(cfg, manifest, uri, lease, data)
 
 
 def _same_data_as_before(
@@ -76,3 +85,22 @@ def _same_data_as_before(
     elif not same_data(recorded, data):
         raise error(data_refusal(f"run '{name}' was started on", recorded, data))
     return data
+
+
+def _with_data_settings(cfg: Config, manifest: Manifest, error: type[Exception]) -> Config:
+    """`cfg` with the data settings (dataset, imbalance factor, n_max, ...) the manifest
+    records: what the run logs, checks on resume and names its model by is the data it reads.
+    The config's values, which only `prepare_data` acts on, are replaced; a note says which."""
+    settings = data_settings(manifest)
+    flat = cfg.flat()
+    differ = {k: v for k, v in settings.items() if flat.get(k) != v}
+    if not differ:
+        return cfg
+    try:
+        updated = build_config(cfg.to_dict(), values=settings)
+    except ConfigError as exc:
+        raise error(f"the dataset at {cfg.data.uri}: {exc}") from None
+    given = [f"{k} {v} (config: {flat[k]})" for k, v in differ.items() if flat.get(k) is not None]
+    if given:  # values the config file states that this data does not have
+        console.say(f"data settings from the dataset's manifest: {', '.join(given)}")
+    return updated

@@ -211,6 +211,7 @@ def _run_training_job(
     cfg: Config, run_name: str, register: bool | None, resume_command: str
 ) -> TrainingOutcome:
     with preflight(cfg, run_name, TrainingJobError, command=resume_command) as launch:
+        cfg = launch.config  # with the data settings of the manifest
         took_over = launch.lease.took_over
         if took_over:
             console.say(

@@ -251,7 +251,7 @@ def run_sweep(
     if workers != base.cluster.num_workers:  # what each trial runs with, and its runs log
         base = build_config(base.to_dict(), values={"cluster.num_workers": workers})
     with preflight(base, name, SweepError) as launch:
-        return _sweep(spec, base, name, register, launch)
+        return _sweep(spec, launch.config, name, register, launch)  # the manifest's data settings
 
 
 def _sweep(

@@ -206,3 +206,18 @@ def test_each_split_has_its_own_digest_from_its_shards(tmp_path):
     # A function of the shards' checksums only: the same manifest elsewhere, the same digests.
     copy = _manifest(tmp_path / "copy")
     assert {i.dataset.digest for i in lineage.dataset_inputs(copy, ["val"])} == {a["val"]}
+
+
+def test_the_data_settings_come_from_the_manifest_whatever_the_config_says(datasets, tmp_path):
+    """Point 2: a config that says IF 100 and 500 head images, on an IF-5 dataset, launches
+    with the manifest's values: they are what the run logs and names its model by."""
+    from pipeline.tracking.registry import model_name_for
+
+    cfg = _cfg(tmp_path, datasets["if5"], **{"data.imbalance_factor": 100, "data.n_max": 500})
+    manifest = read_manifest(datasets["if5"])
+    launched = _launch(cfg).config
+    assert launched.data.imbalance_factor == 5.0 == manifest.imbalance_factor
+    assert launched.data.n_max == manifest.n_max and launched.data.dataset == "cifar10"
+    assert launched.data.val_per_class == manifest.val_per_class == 2
+    assert model_name_for(launched) == "shike-cifar10-lt-if5"
+    assert model_name_for(cfg) != model_name_for(launched)  # what the config alone would name
