@@ -92,6 +92,7 @@ def device_trial(params: dict[str, Any], *, base: dict, sweep: dict, context: di
         parent_run_id=context["parent_run_id"],
     )
     device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes, as in the engine
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     inputs = _inputs(cfg, manifest, device)
@@ -126,8 +127,8 @@ def device_trial(params: dict[str, Any], *, base: dict, sweep: dict, context: di
 def _inputs(cfg: Config, manifest: Any, device: Any):
     """The engine's inputs for the trial: CIFAR-style splits decoded once per actor process
     (`_DECODED`), source-image datasets streamed from their shards."""
+    from pipeline.data.manifest import manifest_hash
     from pipeline.data.readers.torch_reader import load_prepared
-    from pipeline.tracking.runs import manifest_hash
     from pipeline.training.engine import in_memory_inputs, streamed_inputs
 
     if manifest.image.encoding == "source":
