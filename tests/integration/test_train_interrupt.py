@@ -1,4 +1,5 @@
-"""Ctrl-C on a jobs.train driver (issue 35, point 5): a stop, not a failure.
+"""Ctrl-C on a jobs.train driver: a stop, not a failure; and a relaunch of the stopped run on
+other data: refused, before anything is written to its MLflow run or the registry.
 
 The driver is connected to the session's Ray cluster (RAY_ADDRESS), as under `ray job submit`:
 its Train actors live in that cluster, so they must be gone when the driver says it stopped.
@@ -7,6 +8,7 @@ its Train actors live in that cluster, so they must be gone when the driver says
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,12 +36,13 @@ def _live_train_actors() -> set[str]:
     return {a.actor_id for a in alive if any(name in a.class_name for name in run_actors)}
 
 
-def test_ctrl_c_stops_the_run_keeps_its_checkpoint_and_says_how_to_resume(
+def test_ctrl_c_stops_the_run_and_a_relaunch_on_other_data_is_refused(
     ray_cluster, tiny_dataset, tmp_path
 ):
     """SIGINT mid-run, after the first registered checkpoint: within 30 s the driver exits 130
     with one line (the epoch reached, the checkpoint kept, the command that resumes) and no
-    traceback; its MLflow run is KILLED, not FAILED; no Train actor of it is left alive."""
+    traceback; its MLflow run is KILLED, not FAILED; no Train actor of it is left alive. Then
+    the issue's scenario: the stopped run relaunched on other data."""
     name = "ctrl-c"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = {
@@ -90,3 +93,35 @@ def test_ctrl_c_stops_the_run_keeps_its_checkpoint_and_says_how_to_resume(
     while (left := _live_train_actors() - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"Train actors still alive after the driver exited: {left}"
+    _relaunch_on_other_data_is_refused(args, tiny_dataset, tmp_path, ray_cluster.env, uri, run)
+
+
+def _relaunch_on_other_data_is_refused(args, tiny_dataset, tmp_path, env, uri, run) -> None:
+    """The stopped run relaunched with another long-tailed split of the same images (IF 2, not
+    IF 4): one line naming both datasets and the ways out, within seconds, the MLflow run and
+    the registry untouched (the relaunch would register its model: the default)."""
+    from pipeline.data.manifest import manifest_hash, read_manifest
+    from pipeline.data.prepare.from_raw import prepare_dataset
+
+    other = str(tmp_path / "if2")
+    prepare_dataset("cifar10", str(Path(tiny_dataset).parent / "raw"), other, 2.0, val_per_class=4)
+    relaunch = [sys.executable, "-m", "jobs.train", *args, "--set", f"data.uri={other}"]
+    started = time.monotonic()
+    again = subprocess.run(relaunch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-3000:]
+    [line] = [ln for ln in again.stderr.splitlines() if ln.startswith("error: ")]
+    old, new = manifest_hash(read_manifest(tiny_dataset)), manifest_hash(read_manifest(other))
+    name = run.data.tags["shike.run_name"]
+    assert f"run '{name}' was started on cifar10 IF 4 (manifest {old[:12]})" in line, line
+    assert f"this launch reads cifar10 IF 2 (manifest {new[:12]}) from {other}" in line, line
+    assert f"--set data.uri={tiny_dataset}" in line and "new run name" in line, line
+    assert took < 45, f"refused after {took:.0f} s"  # process start-up and imports only
+
+    client = MlflowClient(uri)
+    after = client.get_run(run.info.run_id)
+    inputs = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    assert {(d.dataset.name, d.dataset.digest) for d in after.inputs.dataset_inputs} == inputs
+    assert after.info.status == "KILLED" and after.info.end_time == run.info.end_time
+    assert after.data.params == run.data.params
+    assert client.search_registered_models() == []
