@@ -41,7 +41,9 @@ from bench.record import record
 BATCH = 32
 IMAGE_SIZE = 224
 SIDES = (375, 500)
-IMAGES_PER_SHARD = 40
+# Rows per shard (one row group each): about the 32 MB row groups `prepare_data` writes for
+# source images (pipeline/data/prepare/source_shards.py, ROW_GROUP_BYTES) at ~95 kB an image.
+IMAGES_PER_SHARD = 320
 
 
 class Pass(NamedTuple):

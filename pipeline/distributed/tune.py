@@ -106,7 +106,8 @@ class SweepSpec(_Strict):
     searcher: Literal["random", "optuna"] = "random"
     # Tune hands a finished trial's driver actor to the next trial instead of starting a new
     # process that imports Ray Train, torch and the pipeline again (bench/sweep_startup.py).
-    # Not with ASHA: a trial it stops is still in trainer.fit(), which only its driver's exit ends.
+    # Ray Train trials: not with ASHA, as a trial it stops is still in trainer.fit(), which only
+    # its driver's exit ends.
     reuse_actors: bool = True
     # Workers per trial. 1: the trial runs the training loop on one device inside its Tune
     # actor (no Ray Train worker group to start per trial); more: a Ray Train run per trial.
