@@ -22,6 +22,7 @@ from tests.helpers.ray_cluster import RAY_JOB_TEST_TIMEOUT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(RAY_JOB_TEST_TIMEOUT_S)]
 ROOT = Path(__file__).resolve().parents[2]
+EPOCHS = 5
 
 
 def _live_train_actors() -> set[str]:
@@ -42,14 +43,14 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_on_other_data_is_refused(
     """SIGINT mid-run, after the first registered checkpoint: within 30 s the driver exits 130
     with one line (the epoch reached, the checkpoint kept, the command that resumes) and no
     traceback; its MLflow run is KILLED, not FAILED; no Train actor of it is left alive. Then
-    the issue's scenario: the stopped run relaunched on other data."""
+    the stopped run relaunched on other data (refused), and with its own (it finishes)."""
     name = "ctrl-c"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = {
         "data.uri": tiny_dataset,
         "model.arch": "resnet32",  # any two-stage model; this one is cheapest on CPU
-        "optim.epochs": 30,  # far more than run before the SIGINT: it lands mid-epoch
-        "optim.stage2_start": 29,
+        "optim.epochs": EPOCHS,  # more than run before the SIGINT: it lands mid-epoch
+        "optim.stage2_start": EPOCHS - 1,
         "optim.batch_size": 32,
         "cluster.num_workers": 1,
         "cluster.cpus_per_worker": 0.5,
@@ -78,7 +79,7 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_on_other_data_is_refused(
     lines = [ln for ln in out.splitlines() if "interrupted at epoch" in ln]
     assert len(lines) == 1, out[-3000:]
     [line] = lines
-    assert f"training run '{name}' interrupted at epoch {kept.epoch} of 30" in line, line
+    assert f"training run '{name}' interrupted at epoch {kept.epoch} of {EPOCHS}" in line, line
     assert f"the checkpoint of epoch {kept.epoch} is kept ({kept.path})" in line, line
     assert line.endswith(f"resume with: {shlex.join(['python', '-m', 'jobs.train', *args])}")
 
@@ -94,6 +95,16 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_on_other_data_is_refused(
         time.sleep(0.5)
     assert not left, f"Train actors still alive after the driver exited: {left}"
     _relaunch_on_other_data_is_refused(args, tiny_dataset, tmp_path, ray_cluster.env, uri, run)
+
+    # The resume command of the line, on the run's own data: it goes on where it stopped.
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.train", *args],
+        cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert f"resumed from checkpoint at epoch {kept.epoch}" in out, out[-3000:]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
 def _relaunch_on_other_data_is_refused(args, tiny_dataset, tmp_path, env, uri, run) -> None:
