@@ -176,9 +176,9 @@ def max_concurrent(spec: SweepSpec, base: Config) -> int:
 
     if spec.max_concurrent_trials:
         return spec.max_concurrent_trials
-    workers = base.cluster.num_workers
-    if _gpus_for_trials(base):
-        return max(1, int(_gpus_for_trials(base) // workers))
+    workers, gpus = base.cluster.num_workers, _gpus_for_trials(base)
+    if gpus:
+        return max(1, int(gpus // workers))
     per_trial = workers * base.cluster.cpus_per_worker
     if workers > 1:
         per_trial += 1  # Ray Data's tasks beside the Train workers

@@ -38,7 +38,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import EXECUTION_SETTINGS
 from pipeline.credentials import redact_uri
-from pipeline.data.manifest import manifest_hash as _manifest_hash
+from pipeline.data.manifest import manifest_hash  # noqa: F401  (part of this module's API)
 from pipeline.evaluation import plots
 from pipeline.evaluation.metrics import SCALAR_RESULTS
 from pipeline.evaluation.reports import per_class_csv, per_class_rows
@@ -199,12 +199,6 @@ def git_commit() -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return None, None
     return (commit or None), bool(status.strip())
-
-
-def manifest_hash(manifest: Mapping[str, Any] | Any) -> str:
-    """Stable 16-hex hash of a dataset manifest (a dict or an object with `to_dict()`): the data
-    layer's (`pipeline.data.manifest.manifest_hash`), which run records and checkpoints carry."""
-    return _manifest_hash(manifest.to_dict() if hasattr(manifest, "to_dict") else manifest)
 
 
 def standard_tags(cfg: Config, manifest_hash: str | None = None) -> dict[str, str]:

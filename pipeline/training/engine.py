@@ -29,7 +29,7 @@ from pipeline.data.readers.batch_augment import (
     augmented_batches,
     shuffled_batches,
 )
-from pipeline.data.readers.stream_reader import make_stream_loader, source_manifest
+from pipeline.data.readers.stream_reader import make_stream_loader
 from pipeline.data.readers.torch_reader import LongTailedData, load_longtailed, make_loader
 from pipeline.seeding import epoch_seed
 from pipeline.storage import StorageError
@@ -142,14 +142,14 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms
-    manifest = source_manifest(cfg.data)
-    if manifest is None:
-        inputs = in_memory_inputs(cfg, device)
+    manifest = read_manifest(cfg.data.uri) if cfg.data.uri else None
+    if manifest is not None and manifest.image.encoding == "source":
+        inputs = streamed_inputs(cfg, manifest, device)  # source images of varying size
     else:
-        inputs = streamed_inputs(cfg, manifest, device)
+        inputs = in_memory_inputs(cfg, device)
     log(f"data: {inputs.summary}; device {device}")
     # A checkpoint of prepared shards records them, and resumes only on the same data.
-    data = data_identity(read_manifest(cfg.data.uri)) if cfg.data.uri else None
+    data = data_identity(manifest) if manifest is not None else None
     session = TrainingSession(cfg, inputs.class_counts, device, data_identity=data)
     resume = checkpoint_dir and (Path(checkpoint_dir) / "state.pt").exists()
     session.start(checkpoint_dir if resume else None)

@@ -49,7 +49,7 @@ from pipeline.config import DataConfig
 from pipeline.data import DataError, IntegrityError
 from pipeline.data.codec import decode_rgb
 from pipeline.data.longtail import select_balanced
-from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest, read_manifest
+from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest
 from pipeline.data.readers.transforms import (
     build_transform,
     imagenet_geometry,
@@ -65,15 +65,6 @@ from pipeline.storage import display, join, storage_error
 SHUFFLE_BUFFER_ROWS = 1024
 
 Row = tuple[bytes, int, str, str]  # encoded image, label, sample id, the shard's name
-
-
-def source_manifest(cfg: DataConfig) -> Manifest | None:
-    """The manifest at `data.uri` when its images are source files of varying size (the
-    streaming readers' datasets), else None (no uri, or fixed-size CIFAR-style shards)."""
-    if not cfg.uri:
-        return None
-    manifest = read_manifest(cfg.uri)
-    return manifest if manifest.image.encoding == "source" else None
 
 
 def balanced_rows(manifest: Manifest, split: str, per_class: int) -> list[np.ndarray]:
