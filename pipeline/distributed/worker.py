@@ -12,6 +12,7 @@ writes the checkpoints.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +28,7 @@ from pipeline.config import Config
 from pipeline.data.readers.batch_augment import BatchAugment, FinishedBatches, augmented_batches
 from pipeline.data.readers.ray_reader import quiet_progress
 from pipeline.distributed.capacity import cluster_summary, guard_stalls, wait_for_capacity
+from pipeline.evaluation.metrics import SCALAR_RESULTS
 from pipeline.seeding import epoch_seed
 from pipeline.tracking import lineage, runs
 from pipeline.training.fit import EpochEnd, fit
@@ -263,6 +265,11 @@ def report_epoch(
     if recorder is not None:
         recorder.record(end)
     metrics = end.metrics()
+    if end.val is not None:
+        # A result the split leaves undefined (a diverged model's ECE, a group without images)
+        # is not logged, but reported as NaN: Tune refuses a result without the sweep's metric,
+        # and the sweep ranks a NaN last.
+        metrics = {f"val/{k}": math.nan for k in SCALAR_RESULTS} | metrics
     if not end.checkpoint_due:
         report(metrics)
         return

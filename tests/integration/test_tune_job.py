@@ -203,6 +203,35 @@ def test_one_device_asha_sweep_tracks_parent_and_children_and_registers_the_best
     assert {r["trial_id"] for r in again["trials"]} == {r["trial_id"] for r in rows}
 
 
+def test_min_mode_sweep_registers_a_finite_trial_not_a_diverged_one(
+    ray_cluster, learnable_dataset, tmp_path
+):
+    """Ranked by calibration error (`val/ece`, mode min). At a learning rate of 1e30 the one
+    training step of the epoch is finite but leaves non-finite weights: the val logits are
+    NaN, the trial reports no ECE (NaN) and must rank last, not first."""
+    from pipeline.distributed.tune import load_sweep, run_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "name: sweep-nan\nbase_config: configs/smoke.yaml\nmetric: val/ece\nmode: min\n"
+        "num_samples: 1\nmax_concurrent_trials: 1\nscheduler: {type: none}\n"
+        "space:\n  optim.peak_lr: {grid: [1.0e+30, 0.05]}\n"
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = _sweep_overrides("sweep-nan", learnable_dataset, tmp_path)
+    # one step an epoch (216 training images): the step's loss is finite, the weights are not
+    spec, base = load_sweep(sweep, [*overrides, "optim.batch_size=256"])
+    summary = run_sweep(spec, base)
+
+    by_lr = {r["optim.peak_lr"]: r for r in summary["trials"]}
+    assert not by_lr[1e30]["error"] and by_lr[1e30]["epochs_run"] == 1
+    assert by_lr[1e30]["val/ece"] != by_lr[1e30]["val/ece"]  # NaN: the diverged trial
+    assert summary["best"]["optim.peak_lr"] == 0.05
+    client = MlflowClient(uri)
+    mv = client.get_model_version_by_alias("shike-sweep-nan", "candidate")
+    assert client.get_run(mv.run_id).data.params["optim.peak_lr"] == "0.05"
+
+
 def _finished_children(uri: str) -> list:
     """Child (trial) runs whose trial driver finished (they close their run as FINISHED)."""
     client = MlflowClient(uri)
@@ -212,10 +241,10 @@ def _finished_children(uri: str) -> list:
     ]
 
 
-def _sweep_command(sweep_yaml: Path, name: str, dataset: str, tmp_path: Path) -> list[str]:
-    """`python -m jobs.tune` on `sweep_yaml` with the cheap settings of these tests."""
+def _sweep_overrides(name: str, dataset: str, tmp_path: Path) -> list[str]:
+    """The cheap settings of these tests' one-epoch sweeps."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    overrides = [
+    return [
         f"data.uri={dataset}",
         "cluster.num_workers=1",
         "cluster.cpus_per_worker=0.5",
@@ -229,8 +258,12 @@ def _sweep_command(sweep_yaml: Path, name: str, dataset: str, tmp_path: Path) ->
         "optim.stage2_start=1",
         "data.augment=none",
     ]
+
+
+def _sweep_command(sweep_yaml: Path, name: str, dataset: str, tmp_path: Path) -> list[str]:
+    """`python -m jobs.tune` on `sweep_yaml` with the cheap settings of these tests."""
     cmd = [sys.executable, "-m", "jobs.tune", "--config", str(sweep_yaml)]
-    for o in overrides:
+    for o in _sweep_overrides(name, dataset, tmp_path):
         cmd += ["--set", o]
     return cmd
 
