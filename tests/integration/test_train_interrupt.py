@@ -104,7 +104,14 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_on_other_data_is_refused(
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert f"resumed from checkpoint at epoch {kept.epoch}" in out, out[-3000:]
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED"
+    # Named and described by the data it learned (IF 4), not by configs/smoke.yaml's IF 100.
+    assert finished.data.params["data.imbalance_factor"] == "4.0"
+    [model] = client.search_registered_models()
+    assert model.name == "shike-cifar10-lt-if4-resnet32"
+    [version] = client.search_model_versions(f"name = '{model.name}'")
+    assert "imbalance factor 4" in version.description, version.description
 
 
 def _relaunch_on_other_data_is_refused(args, tiny_dataset, tmp_path, env, uri, run) -> None:
