@@ -103,11 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key:<16} {100 * metrics[key]:.2f}%")
     print(f"  checkpoint       {outcome.checkpoint_path}")
     if outcome.model_version:
-        from pipeline.tracking.registry import model_name_for
-
-        print(
-            f"  model            models:/{model_name_for(cfg)}@candidate (version {outcome.model_version})"
-        )
+        model = f"models:/{outcome.model_name}@candidate"
+        print(f"  model            {model} (version {outcome.model_version})")
     print(f"  MLflow           {uri}, experiment '{cfg.tracking.experiment}'")
     if not uri.startswith(("http://", "https://", "databricks")):
         print(f"  MLflow UI        mlflow ui --backend-store-uri {uri}")

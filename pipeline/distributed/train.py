@@ -37,7 +37,7 @@ from pipeline.distributed.worker import train_loop_per_worker
 from pipeline.storage import is_s3, resolve
 from pipeline.tracking import runs
 from pipeline.tracking.driver_guard import DriverGuard
-from pipeline.tracking.registry import register_trained_model
+from pipeline.tracking.registry import model_name_for, register_trained_model
 from pipeline.training.session import NonFiniteLossError
 
 
@@ -56,6 +56,7 @@ class TrainingOutcome:
     metrics: dict[str, Any]
     checkpoint_path: str
     model_version: str | None
+    model_name: str  # the registry name: from the dataset's manifest, as the launch set it
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -298,7 +299,9 @@ def _train_and_register(
         raise
     finally:
         logger.finish(status)
-    return TrainingOutcome(run_name, run_id, dict(result.metrics), result.checkpoint.path, version)
+    return TrainingOutcome(
+        run_name, run_id, dict(result.metrics), result.checkpoint.path, version, model_name_for(cfg)
+    )
 
 
 def _fit(trainer: TorchTrainer):

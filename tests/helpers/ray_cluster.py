@@ -27,6 +27,9 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # How often a Train controller polls its workers (default 2 s): each run's start, end and
+    # restart waits for a poll. A test run is seconds long, so 0.3 s saves seconds per launch.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.3",
 }
 
 

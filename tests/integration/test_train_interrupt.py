@@ -110,6 +110,7 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_on_other_data_is_refused(
     assert finished.data.params["data.imbalance_factor"] == "4.0"
     [model] = client.search_registered_models()
     assert model.name == "shike-cifar10-lt-if4-resnet32"
+    assert f"models:/{model.name}@candidate (version 1)" in done.stdout, done.stdout[-2000:]
     [version] = client.search_model_versions(f"name = '{model.name}'")
     assert "imbalance factor 4" in version.description, version.description
 
