@@ -37,6 +37,15 @@ class Launch:
     tracking_uri: str
     lease: run_lease.RunLease
     data: dict[str, Any]  # the manifest's `data_identity`: what checkpoints record
+    name: str  # the run's (or sweep's) name
+    unrecorded: bool  # the name has no data record yet (`record_data`)
+
+    def record_data(self) -> None:
+        """Record the data as the name's, once the launch starts its run: a launch refused
+        after the preflight (no State API, too small a cluster) leaves no record behind."""
+        if self.unrecorded:
+            run_storage.write_data_record(self.config, self.name, self.data)
+            self.unrecorded = False
 
 
 @contextlib.contextmanager
@@ -67,24 +76,21 @@ def preflight(
     except run_lease.LeaseHeldError as exc:
         raise error(str(exc)) from None
     with lease:
-        data = _same_data_as_before(cfg, name, manifest, error)
-        yield Launch(cfg, manifest, uri, lease, data)
+        data = data_identity(manifest)
+        recorded = _same_data_as_before(cfg, name, data, error)
+        yield Launch(cfg, manifest, uri, lease, data, name, unrecorded=not recorded)
 
 
 def _same_data_as_before(
-    cfg: Config, name: str, manifest: Manifest, error: type[Exception]
-) -> dict[str, Any]:
-    """The launch's data identity, checked against the one the name was first launched with
-    (issue 35: a relaunch with another dataset resumed the old checkpoint and logged its
-    splits into the old MLflow run). The first launch, or the first since the record existed,
-    records it; checked under the lease, so two first launches cannot both record."""
-    data = data_identity(manifest)
+    cfg: Config, name: str, data: dict[str, Any], error: type[Exception]
+) -> bool:
+    """Whether the name has a data record; refused when it records other data (issue 35: a
+    relaunch with another dataset resumed the old checkpoint and logged its splits into the
+    old MLflow run). Checked under the lease, so two first launches cannot both record."""
     recorded = run_storage.data_record(cfg, name)
-    if recorded is None:
-        run_storage.write_data_record(cfg, name, data)
-    elif not same_data(recorded, data):
+    if recorded is not None and not same_data(recorded, data):
         raise error(data_refusal(f"run '{name}' was started on", recorded, data))
-    return data
+    return recorded is not None
 
 
 def _with_data_settings(cfg: Config, manifest: Manifest, error: type[Exception]) -> Config:

@@ -221,6 +221,7 @@ def _run_training_job(
             )
         if not ray.is_initialized():
             ray.init(log_to_driver=True, **console.ray_init_kwargs())
+        launch.record_data()
         datasets, logger, loop_config = open_tracked_run(
             cfg, run_name, launch.tracking_uri, launch.manifest
         )

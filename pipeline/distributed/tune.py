@@ -266,6 +266,7 @@ def _sweep(
         ray.init(**console.ray_init_kwargs())
     if base.cluster.num_workers > 1:  # Ray Train trials (one-device trials start no Train run)
         check_state_api()
+    launch.record_data()
     uri, epochs = launch.tracking_uri, base.optim.epochs
     parent = _open_parent_run(spec, uri, base.tracking.experiment, name)
     grid, interrupted = _fit_noting_interrupt(_build_tuner(spec, base, name, parent, launch))

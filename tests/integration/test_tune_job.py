@@ -110,6 +110,7 @@ def test_sweep_refuses_a_ray_without_its_state_api(tiny_dataset, tmp_path):
             str(sweep),
             f"data.uri={tiny_dataset}",  # a real dataset: the data is checked first
             f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"cluster.storage_path={tmp_path}/runs",
         ],
         cwd=ROOT,
         env=env | {"RAY_AUTH_MODE": "disabled"},
@@ -119,6 +120,7 @@ def test_sweep_refuses_a_ray_without_its_state_api(tiny_dataset, tmp_path):
     )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "State API does not answer" in proc.stdout
+    assert not list((tmp_path / "runs").glob("*/.shike-data.json"))  # the sweep never started
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert not experiments or client.search_runs(experiments) == []

@@ -57,8 +57,17 @@ def _cfg(tmp_path: Path, data_uri: str, **extra):
 
 
 def _launch(cfg, name: str = "run-a"):
+    """A launch that passed its checks and started its run."""
     with preflight(cfg, name, LaunchRefused) as launch:
+        launch.record_data()
         return launch
+
+
+def test_a_launch_refused_after_its_checks_records_no_data(datasets, tmp_path):
+    with preflight(_cfg(tmp_path, datasets["if10"]), "run-a", LaunchRefused):
+        pass  # e.g. refused for want of Ray's State API: the run never started
+    assert run_storage.data_record(_cfg(tmp_path, datasets["if10"]), "run-a") is None
+    _launch(_cfg(tmp_path, datasets["if5"]))  # so other data is no relaunch to refuse
 
 
 def test_first_launch_records_the_data_and_the_same_data_is_accepted(datasets, tmp_path):
