@@ -1,6 +1,7 @@
-"""Ray Data over "source" datasets (original JPEGs of varying sizes): decoded and brought to
-`image_size` in `map_batches`, so Ray Train workers get fixed-size float batches; each image
-augmented exactly as the Ray-free streaming reader augments it in the same epoch."""
+"""Ray Data over "source" datasets (original JPEGs of varying sizes): read, decoded and brought
+to `image_size` in one task per shard, so Ray Train workers get fixed-size batches; each image
+augmented exactly as the Ray-free streaming reader augments it in the same epoch, the shards
+read in a new order each epoch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pipeline.config import load_config
 from pipeline.data import DataError
 from pipeline.data.manifest import read_manifest
 from pipeline.data.readers.stream_reader import make_stream_loader
+from pipeline.data.shards import read_split_table
 from pipeline.seeding import epoch_seed
 from tests.helpers.jpeg_shards import write_source_dataset
 
@@ -40,6 +42,37 @@ def test_source_images_reach_the_trainer_as_fixed_size_batches(ray_cluster, tmp_
             assert batch["label"].dtype == torch.int64
             labels += batch["label"].tolist()
         assert np.bincount(labels, minlength=4).tolist() == manifest.splits[split].class_counts
+
+
+def test_source_training_split_reads_its_shards_in_a_new_order_each_epoch(ray_cluster, tmp_path):
+    """Task i of an epoch reads the i-th shard of an order drawn from (seed, epoch); Ray's
+    output order is pinned (preserve_order), so only that order can differ between epochs. An
+    evaluation split keeps manifest order."""
+    from ray.data import DataContext
+
+    from pipeline.data.readers.ray_reader import split_dataset
+
+    splits = {"train": [9, 5, 3, 1], "test": [2, 2, 2, 2]}
+    uri, _ = write_source_dataset(tmp_path, splits, rows_per_shard=3)
+    manifest = read_manifest(uri)
+    assert len(manifest.splits["train"].shards) == 6  # 720 orders: a repeat is no accident
+    options = DataContext.get_current().execution_options
+    was, options.preserve_order = options.preserve_order, True
+    kwargs = {"augment": "imagenet", "image_size": SIZE, "uint8": True, "with_ids": True}
+    try:
+        train = split_dataset(manifest, "train", train=True, seed=0, **kwargs)
+        test = split_dataset(manifest, "test", train=False, **kwargs)
+        epochs = [
+            [[str(i) for b in ds.iter_batches() for i in b["sample_id"]] for _ in range(2)]
+            for ds in (train, test)
+        ]
+    finally:
+        options.preserve_order = was
+    (first, second), (test_first, test_second) = epochs
+    assert sorted(first) == sorted(second) and len(first) == 18
+    assert first != second, "the training split must be read in a new order each epoch"
+    stored = read_split_table(manifest, "test").column("sample_id").to_pylist()
+    assert test_first == test_second == [str(i) for i in stored]
 
 
 @pytest.mark.parametrize("augment_on", ["device", "loader"])

@@ -1,14 +1,16 @@
 """Ray Data datasets over prepared shards (the per-worker input of Ray Train).
 
 Reads the shards a manifest vouches for (verified first: sha256, rows, schema) with an explicit
-pyarrow filesystem and column projection, decodes the images and applies the transforms in
-`map_batches` (the same `build_transform` the Ray-free readers use; each image's random
-transform seeded from the run's seed, the epoch and its sample id), and shuffles files per
-epoch plus a seeded local buffer in the consumer. Two kinds of dataset:
-- fixed-size PNG shards (CIFAR): decoded as one array, the CIFAR presets at the stored size;
-- "source" shards (the large benchmarks' original JPEGs, sizes varying): each image decoded
-  on its own (pipeline.data.codec) and brought to `image_size` by an ImageNet-style preset,
-  so Ray Train workers get fixed-size batches either way.
+pyarrow filesystem and column projection, decodes the images and applies the transforms (the
+same `build_transform` the Ray-free readers use; each image's random transform seeded from the
+run's seed, the epoch and its sample id), and shuffles files per epoch plus a seeded local
+buffer in the consumer. Two kinds of dataset:
+- fixed-size PNG shards (CIFAR): `read_parquet`, then decoded as one array in `map_batches`,
+  the CIFAR presets at the stored size;
+- "source" shards (the large benchmarks' original JPEGs, sizes varying): read and decoded in
+  one task per shard (`SourceShardsDatasource`), each image on its own (pipeline.data.codec),
+  brought to `image_size` by an ImageNet-style preset, so Ray Train workers get fixed-size
+  batches either way.
 For a training step that finishes the augmentation on its own device (`data.augment_on`), the
 batches are uint8: PNG images as decoded, source images cropped and flipped (evaluation splits:
 the evaluation crop); otherwise normalised float.
@@ -21,8 +23,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.data import DataError
 from pipeline.data.codec import decode_images, decode_rgb
@@ -39,10 +44,11 @@ from pipeline.data.shards import shard_files, verify_split
 from pipeline.seeding import augmentation_seed, epoch_seed
 
 COLUMNS = ["image", "label", "sample_id"]  # the id keys each image's augmentation seed
-# Rows per `map_batches` call. Source images leave it as float32 at image_size: 64 of them at
-# 224 px make a 38 MB block (256 would exceed Ray Data's 128 MiB target block size), and a task
-# this small is short, so the first batch does not wait for a long task.
+# Rows per `map_batches` call of PNG (CIFAR) shards, decoded as one array.
 PNG_TASK_ROWS = 256
+# Rows per output block of a source read task. Each block leaves the task as soon as it is
+# made, so the first batch waits for 64 decodes, not a shard's; 64 crops at 224 px are 9.6 MB
+# (uint8) or 38 MB (float32), well under Ray Data's 128 MiB target block size.
 SOURCE_TASK_ROWS = 64
 
 
@@ -116,6 +122,63 @@ def decode_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+class SourceShardsDatasource(Datasource):
+    """A split of source images (the large benchmarks' JPEGs) as one Ray Data read operator:
+    one task per shard reads its rows and decodes + crops them (`decode_and_transform`), block
+    by block of `rows` images.
+
+    Why not `read_parquet` + `map_batches`: the read and the decode then run as two operators
+    that Ray Data does not fuse, and it splits the CPUs between them, so on a small node
+    under one decode task ran at a time (bench.decode_speed, BENCHMARKS.md). As one operator,
+    every CPU Ray Data may use decodes.
+
+    A training split reads its shards in an order drawn from (seed, execution index): each
+    epoch reshuffles them, as `FileShuffleConfig(reseed_after_execution=True)` does for the
+    PNG datasets; task i reads the i-th shard of that order.
+    """
+
+    def __init__(self, manifest: Manifest, split: str, rows: int, shuffle_seed, **decode):
+        super().__init__()
+        self._fs, self._paths = shard_files(manifest, split)
+        self._rows_per_shard = [s.num_rows for s in manifest.split_info(split).shards]
+        self._rows, self._shuffle_seed, self._decode = rows, shuffle_seed, decode
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._paths)
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None  # decoded crops: not known from the encoded bytes
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        return [
+            ReadTask(
+                lambda i=i: self._read(i),
+                BlockMetadata(
+                    num_rows=self._rows_per_shard[i],
+                    size_bytes=None,
+                    input_files=None,
+                    exec_stats=None,
+                ),
+            )
+            for i in range(len(self._paths))
+        ]
+
+    def _read(self, task: int) -> Iterator:
+        shard = task
+        if self._shuffle_seed is not None:
+            order = np.random.default_rng([self._shuffle_seed, _execution_index()])
+            shard = int(order.permutation(len(self._paths))[task])
+        with self._fs.open_input_file(self._paths[shard]) as f:
+            for rows in pq.ParquetFile(f).iter_batches(batch_size=self._rows, columns=COLUMNS):
+                batch = {
+                    "image": np.array(rows.column("image").to_pylist(), dtype=object),
+                    "label": rows.column("label").to_numpy(),
+                    "sample_id": np.array(rows.column("sample_id").to_pylist(), dtype=object),
+                }
+                yield BlockAccessor.batch_to_block(decode_and_transform(batch, **self._decode))
+
+
 @contextmanager
 def _parquet_reader_v1() -> Iterator[None]:
     """Plan the reads inside with Ray Data's V1 Parquet reader (the default before Ray 2.60).
@@ -153,7 +216,8 @@ def split_dataset(
     """A Ray Dataset of one split: rows {"image": float32 (3,H,W), "label": int64} (plus the
     source's "sample_id" with `with_ids`). H = W = `image_size` for a "source" dataset (which
     needs it, and an ImageNet-style `augment`); PNG datasets keep their stored size.
-    `batch_size`: rows per decode task call (None: PNG_TASK_ROWS / SOURCE_TASK_ROWS).
+    `batch_size`: rows per decode call of PNG shards, per output block of a source read task
+    (None: PNG_TASK_ROWS / SOURCE_TASK_ROWS).
     `uint8`: uint8 images for a consumer that finishes the augmentation on its own device
     (pipeline.data.readers.batch_augment): PNG images as decoded, source images with the
     preset's geometry (crop + flip, or the evaluation crop) at `image_size`.
@@ -169,24 +233,30 @@ def split_dataset(
         require_resizing_preset(augment, manifest.uri)
     if verify:
         verify_split(manifest, split)
+    decode = {"augment": augment, "train": train, "seed": seed, "with_ids": with_ids}
+    if source:
+        shards = SourceShardsDatasource(
+            manifest,
+            split,
+            batch_size or SOURCE_TASK_ROWS,
+            seed if train else None,
+            **decode,
+            image_size=image_size,
+            uint8=uint8,
+        )
+        # As many blocks as read tasks: asked for more, Ray Data splits every task's output
+        return ray.data.read_datasource(shards, override_num_blocks=shards.num_shards)
     fs, paths = shard_files(manifest, split)
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
     with _parquet_reader_v1():
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
         ds = ds.select_columns(COLUMNS)
-        if uint8 and not source:
+        if uint8:
             return ds.map_batches(decode_only, batch_size=batch_size or PNG_TASK_ROWS)
         return ds.map_batches(
             decode_and_transform,
-            fn_kwargs={
-                "augment": augment,
-                "train": train,
-                "seed": seed,
-                "with_ids": with_ids,
-                "image_size": image_size if source else None,
-                "uint8": uint8,
-            },
-            batch_size=batch_size or (SOURCE_TASK_ROWS if source else PNG_TASK_ROWS),
+            fn_kwargs=decode,
+            batch_size=batch_size or PNG_TASK_ROWS,
             batch_format="numpy",
         )
 
