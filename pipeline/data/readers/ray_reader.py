@@ -141,7 +141,7 @@ class SourceShardsDatasource(Datasource):
         super().__init__()
         self._fs, self._paths = shard_files(manifest, split)
         self._rows_per_shard = [s.num_rows for s in manifest.split_info(split).shards]
-        self._rows, self._shuffle_seed, self._decode = rows, shuffle_seed, decode
+        self.rows, self._shuffle_seed, self._decode = rows, shuffle_seed, decode
 
     @property
     def num_shards(self) -> int:
@@ -170,7 +170,7 @@ class SourceShardsDatasource(Datasource):
             order = np.random.default_rng([self._shuffle_seed, _execution_index()])
             shard = int(order.permutation(len(self._paths))[task])
         with self._fs.open_input_file(self._paths[shard]) as f:
-            for rows in pq.ParquetFile(f).iter_batches(batch_size=self._rows, columns=COLUMNS):
+            for rows in pq.ParquetFile(f).iter_batches(batch_size=self.rows, columns=COLUMNS):
                 batch = {
                     "image": np.array(rows.column("image").to_pylist(), dtype=object),
                     "label": rows.column("label").to_numpy(),
@@ -180,24 +180,27 @@ class SourceShardsDatasource(Datasource):
 
 
 @contextmanager
-def _parquet_reader_v1() -> Iterator[None]:
-    """Plan the reads inside with Ray Data's V1 Parquet reader (the default before Ray 2.60).
-
-    Each Dataset keeps the DataContext current at its creation, so the setting stays with the
-    datasets made here and the caller's own context is restored. Why V1: the V2 reader (Ray
-    2.60's default) reads a shard as one block, which `map_batches` then augments in one task
-    that emits its output only at the end, and every execution (every epoch) waits for it;
-    its file listing also stalls on every execution. V1 hands the shard on in blocks of a few
-    hundred rows, so the augmentation runs in many tasks and batches reach the trainer as they
-    are made (the first-batch wait with each reader: bench/HISTORY.md, the V1 reader fix of
-    commit 68c1531).
-    """
+def _data_context(**settings) -> Iterator[None]:
+    """Plan the datasets made inside with these DataContext `settings`: each Dataset keeps the
+    context current at its creation, so they stay with it, and the caller's are restored."""
     ctx = ray.data.DataContext.get_current()
-    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    before = {name: getattr(ctx, name) for name in settings}
+    for name, value in settings.items():
+        setattr(ctx, name, value)
     try:
         yield
     finally:
-        ctx.use_datasource_v2 = before
+        for name, value in before.items():
+            setattr(ctx, name, value)
+
+
+# Why PNG shards are read with Ray Data's V1 Parquet reader (the default before Ray 2.60): the
+# V2 reader reads a shard as one block, which `map_batches` then augments in one task that
+# emits its output only at the end, and every execution (every epoch) waits for it; its file
+# listing also stalls on every execution. V1 hands the shard on in blocks of a few hundred
+# rows, so the augmentation runs in many tasks and batches reach the trainer as they are made
+# (the first-batch wait with each reader: bench/HISTORY.md, the V1 reader fix of commit 68c1531).
+PARQUET_READER_V1 = {"use_datasource_v2": False}
 
 
 def split_dataset(
@@ -244,11 +247,16 @@ def split_dataset(
             image_size=image_size,
             uint8=uint8,
         )
-        # As many blocks as read tasks: asked for more, Ray Data splits every task's output
-        return ray.data.read_datasource(shards, override_num_blocks=shards.num_shards)
+        # A target block size just under what a task yields at a time, so that each block
+        # leaves as soon as it is made; at the default (128 MiB) a task's blocks are merged
+        # and the whole shard leaves when the task ends.
+        yielded = shards.rows * 3 * image_size**2 * (1 if uint8 else 4)
+        with _data_context(target_max_block_size=int(0.75 * yielded)):
+            # as many blocks as read tasks: asked for more, Ray Data splits each task's output
+            return ray.data.read_datasource(shards, override_num_blocks=shards.num_shards)
     fs, paths = shard_files(manifest, split)
     shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if train else None
-    with _parquet_reader_v1():
+    with _data_context(**PARQUET_READER_V1):
         ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle)
         ds = ds.select_columns(COLUMNS)
         if uint8:
