@@ -274,7 +274,7 @@ def test_resume_with_uint8_crops_finished_on_the_device_is_bit_identical(
         "data.augment": augment,
         "data.image_size": 32,
         "data.loader_workers": 0,
-        "model.arch": "shike_resnet18",
+        "model.arch": "resnet32",  # any model: the input path is under test
         "optim.epochs": 3,
         "optim.stage2_start": 2,
         "optim.batch_size": 5,  # 25 training images: no batch of one for BatchNorm
