@@ -12,12 +12,9 @@ export RAY_USAGE_STATS_ENABLED = 0
 
 .PHONY: install quickstart test lint bench bench-asha clean
 
-# --no-compile: pip would byte-compile every installed module (a third of the install's time);
-# Python compiles the ones a run imports, once, on first use.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile \
-	    -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
