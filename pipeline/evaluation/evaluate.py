@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data import DataError
 from pipeline.data.integrity import verify_dataset
-from pipeline.data.manifest import Manifest, read_manifest
+from pipeline.data.manifest import Manifest, manifest_hash, read_manifest
 from pipeline.data.readers.stream_reader import ShardStream
 from pipeline.data.readers.transforms import evaluation_crop
 from pipeline.data.shards import load_split
@@ -304,7 +304,7 @@ def _build_report(
         split=split,
         data_uri=str(data_uri),
         dataset=manifest.dataset,
-        manifest_hash=runs.manifest_hash(manifest),
+        manifest_hash=manifest_hash(manifest),
         class_names=list(manifest.class_names),
         class_counts=[int(c) for c in manifest.class_counts],
         results=results,

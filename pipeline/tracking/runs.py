@@ -38,7 +38,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import EXECUTION_SETTINGS
 from pipeline.credentials import redact_uri
-from pipeline.data.manifest import manifest_hash  # noqa: F401  (part of this module's API)
+from pipeline.data.manifest import manifest_hash
 from pipeline.evaluation import plots
 from pipeline.evaluation.metrics import SCALAR_RESULTS
 from pipeline.evaluation.reports import per_class_csv, per_class_rows

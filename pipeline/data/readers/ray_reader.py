@@ -137,7 +137,9 @@ class SourceShardsDatasource(Datasource):
     PNG datasets; task i reads the i-th shard of that order.
     """
 
-    def __init__(self, manifest: Manifest, split: str, rows: int, shuffle_seed, **decode):
+    def __init__(
+        self, manifest: Manifest, split: str, rows: int, shuffle_seed: int | None, **decode
+    ):
         super().__init__()
         self._fs, self._paths = shard_files(manifest, split)
         self._rows_per_shard = [s.num_rows for s in manifest.split_info(split).shards]
@@ -171,11 +173,7 @@ class SourceShardsDatasource(Datasource):
             shard = int(order.permutation(len(self._paths))[task])
         with self._fs.open_input_file(self._paths[shard]) as f:
             for rows in pq.ParquetFile(f).iter_batches(batch_size=self.rows, columns=COLUMNS):
-                batch = {
-                    "image": np.array(rows.column("image").to_pylist(), dtype=object),
-                    "label": rows.column("label").to_numpy(),
-                    "sample_id": np.array(rows.column("sample_id").to_pylist(), dtype=object),
-                }
+                batch = {name: rows[name].to_numpy(zero_copy_only=False) for name in COLUMNS}
                 yield BlockAccessor.batch_to_block(decode_and_transform(batch, **self._decode))
 
 
