@@ -7,7 +7,8 @@
 #     captured or the eager step) and the on-device augmentation against the CPU's (on a
 #     failure the runs augment in the loader instead),
 #   - the augmentation benchmark (loader against on-device batches; AUGMENT_BENCH=0 skips it),
-#     the JPEG decode benchmark (CPU core against nvJPEG; DECODE_BENCH=0 skips it), and, when
+#     the JPEG decode tests and benchmark (CPU core against nvJPEG and the workers'
+#     data.decode_on=device step; DECODE_BENCH=0 skips the benchmark), and, when
 #     asked, the loader (LOADER_BENCH=1) and step (STEP_BENCH=1) benchmarks,
 #   - the reproduce runs on the carried CIFAR-10-LT shards (.data/cifar10-lt-if100): by default
 #     SHIKE and balanced softmax for seed 0, 200 epochs each, augmented on the GPU, the test
@@ -68,7 +69,11 @@ tail -n 2 "$LOGS/pytest-augment.log"
 if [ "${AUGMENT_BENCH:-1}" = 1 ]; then
     timeout 150 python3 -m bench.augment_speed --data "$DATA" --train-epochs 2 2>&1 | tail -n 12
 fi
-if [ "${DECODE_BENCH:-1}" = 1 ]; then timeout 60 python3 -m bench.gpu_decode 2>&1 | tail -n 6; fi
+# data.decode_on=device: nvJPEG crops against the CPU decoder's (same boxes, pixels within
+# rounding); the bench row below times the same decode_crops the workers run.
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_device_decode.py >"$LOGS/pytest-decode.log" 2>&1
+tail -n 2 "$LOGS/pytest-decode.log"
+if [ "${DECODE_BENCH:-1}" = 1 ]; then timeout 60 python3 -m bench.gpu_decode 2>&1 | tail -n 7; fi
 if [ "${LOADER_BENCH:-0}" = 1 ]; then
     timeout 60 python3 -m bench.loader_speed --data "$DATA" --workers 4 12 2>&1 | tail -n 4
 fi

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Settings that decide how and where a run executes, not what it trains: a checkpoint resumes
 # under other values of these (another machine, device, precision, memory layout, loader,
@@ -26,6 +26,7 @@ EXECUTION_SETTINGS = frozenset(
         "data.uri",
         "data.loader_workers",
         "data.augment_on",
+        "data.decode_on",
         "train.device",
         "train.amp",
         "train.channels_last",
@@ -96,6 +97,11 @@ class DataConfig(_Section):
     # decodes more images, and on a GPU node it frees the few CPUs a GPU has (BENCHMARKS.md).
     # "loader": everything per image, in loader workers or Ray Data tasks.
     augment_on: Literal["auto", "loader", "device"] = "auto"
+    # Where the training split's source JPEGs are decoded and cropped (uint8 batches only,
+    # pipeline.data.readers.device_decode). "device": the readers ship the encoded bytes and the
+    # training GPU decodes them with nvJPEG, freeing the node's CPUs; "cpu": in loader workers
+    # or Ray Data tasks; "auto": "device" where the workers train on CUDA on source images.
+    decode_on: Literal["auto", "cpu", "device"] = "auto"
 
     @property
     def augments_on_device(self) -> bool:
@@ -238,6 +244,12 @@ class TrainConfig(_Section):
 class ClusterConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: Literal["auto", "true", "false"] = "auto"
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yaml_bool(cls, value: Any) -> Any:
+        # YAML (a config file, --set cluster.use_gpu=false) reads true/false as booleans
+        return str(value).lower() if isinstance(value, bool) else value
     cpus_per_worker: float = Field(1.0, gt=0)
     # Where Ray Train keeps checkpoints: a local folder or s3://bucket/prefix.
     storage_path: str = "./runs"

@@ -22,6 +22,7 @@ from pipeline.data.manifest import (
     read_manifest,
     same_data,
 )
+from pipeline.data.readers.device_decode import decodes_on_device
 from pipeline.distributed import console, run_lease, run_storage
 from pipeline.distributed.submission import settings_inside_ray_copy
 from pipeline.tracking.store import check_tracking_server, resolve_tracking_uri
@@ -70,6 +71,12 @@ def preflight(
     # counts would train wrong class priors.
     manifest = verify_dataset(read_manifest(cfg.data.uri))
     cfg = _with_data_settings(cfg, manifest, error)
+    try:  # data.decode_on=device where the config rules it out (GPUs off, PNG images)
+        decodes_on_device(
+            cfg.data, manifest.image.encoding, cfg.cluster.use_gpu != "false", cfg.data.uri
+        )
+    except ConfigError as exc:
+        raise error(str(exc)) from None
     check_tracking_server(uri)
     try:
         lease = run_lease.acquire(cfg.cluster.storage_path, name, command=command)

@@ -27,8 +27,9 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.manifest import Manifest, data_identity
+from pipeline.data.readers.device_decode import decodes_on_device
 from pipeline.data.readers.ray_reader import training_datasets
 from pipeline.distributed import console, run_lease, run_storage
 from pipeline.distributed.capacity import CapacityError, wait_for_capacity
@@ -152,16 +153,19 @@ def open_tracked_run(
     extra_tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     eval_splits: tuple[str, ...] = ("val", "test"),
+    decode_on_device: bool = False,
 ):
     """Datasets from the manifest (cfg.data.uri's, already read), the run's MLflow run (created
     or resumed by run name; config, manifest and the splits read as dataset inputs logged) and
-    the per-worker loop config: (datasets, logger, loop_config)."""
+    the per-worker loop config: (datasets, logger, loop_config). `decode_on_device`: the
+    training split travels encoded (`decodes_on_the_workers`)."""
     datasets = training_datasets(
         manifest,
         cfg.data.augment,
         cfg.train.seed,
         image_size=cfg.data.image_size,
         uint8=cfg.data.augments_on_device,
+        encoded_train=decode_on_device,
     )
     for split in set(datasets) - {"train", *eval_splits}:
         del datasets[split]
@@ -177,8 +181,18 @@ def open_tracked_run(
         "run_id": logger.run_id,
         "eval_splits": read[1:],
         "data_identity": data_identity(manifest),  # what the checkpoints record
+        "decode_on_device": decode_on_device,
     }
     return datasets, logger, loop_config
+
+
+def decodes_on_the_workers(cfg: Config, manifest: Manifest) -> bool:
+    """`data.decode_on` for this cluster: whether the workers decode the training split
+    (`device_decode`); a TrainingJobError where "device" cannot be honoured."""
+    try:
+        return decodes_on_device(cfg.data, manifest.image.encoding, _use_gpu(cfg), manifest.uri)
+    except ConfigError as exc:
+        raise TrainingJobError(str(exc)) from None
 
 
 def run_training_job(
@@ -221,9 +235,10 @@ def _run_training_job(
             )
         if not ray.is_initialized():
             ray.init(log_to_driver=True, **console.ray_init_kwargs())
+        on_device = decodes_on_the_workers(cfg, launch.manifest)
         launch.record_data()
         datasets, logger, loop_config = open_tracked_run(
-            cfg, run_name, launch.tracking_uri, launch.manifest
+            cfg, run_name, launch.tracking_uri, launch.manifest, decode_on_device=on_device
         )
         if took_over:
             logger.log_tags({TAG_TOOK_OVER: run_lease.describe(took_over)})

@@ -41,7 +41,7 @@ def train_trial(params: dict[str, Any], *, base: dict, sweep: dict, context: dic
     """A trial on Ray Train: a TorchTrainer whose workers' reports are forwarded to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.distributed.train import build_trainer, open_tracked_run
+    from pipeline.distributed.train import build_trainer, decodes_on_the_workers, open_tracked_run
 
     cfg = trial_config(base, params)
     run_name, tags = _trial_name(sweep)
@@ -53,6 +53,7 @@ def train_trial(params: dict[str, Any], *, base: dict, sweep: dict, context: dic
         extra_tags=tags,
         parent_run_id=context["parent_run_id"],
         eval_splits=("val",),  # never the test split in a sweep
+        decode_on_device=decodes_on_the_workers(cfg, context["manifest"]),
     )
     trainer = build_trainer(
         cfg,

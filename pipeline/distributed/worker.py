@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from pipeline.config import Config
 from pipeline.data.readers.batch_augment import BatchAugment, FinishedBatches, augmented_batches
+from pipeline.data.readers.device_decode import decoded_batches
 from pipeline.data.readers.ray_reader import quiet_progress
 from pipeline.distributed.capacity import cluster_summary, guard_stalls, wait_for_capacity
 from pipeline.evaluation.metrics import SCALAR_RESULTS
@@ -100,6 +101,12 @@ def _torch_batches(iterator, batch_size: int, **kwargs):
         yield batch["image"], batch["label"]
 
 
+def encoded_batches(iterator, batch_size: int, **kwargs):
+    """(encoded images, labels, sample ids) batches: what `device_decode` decodes."""
+    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", **kwargs):
+        yield list(batch["image"]), torch.from_numpy(batch["label"]), list(batch["sample_id"])
+
+
 def announce_first_batch(batches, say: Callable[[str], None] = log.info):
     """Say when the first batch reaches the training step (start-up latency: bench.sweep_startup
     reads the line)."""
@@ -168,7 +175,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         recorder = runs.EpochRecorder(
             logger, loop_config["class_counts"], loop_config["class_names"]
         )
-    train_batches = TrainBatches(cfg, rank, world, device, first_epoch=session.epoch)
+    train_batches = TrainBatches(
+        cfg, rank, world, device, session.epoch, loop_config["decode_on_device"]
+    )
 
     def split_batches(name: str) -> Iterable[tuple[Tensor, Tensor]] | None:
         if not lead or name not in loop_config["eval_splits"]:
@@ -217,9 +226,16 @@ class TrainBatches:
     against stalls, and augmented on the device when `data.augment_on` says so."""
 
     def __init__(
-        self, cfg: Config, rank: int, world: int, device: torch.device, first_epoch: int
+        self,
+        cfg: Config,
+        rank: int,
+        world: int,
+        device: torch.device,
+        first_epoch: int,
+        encoded: bool = False,
     ) -> None:
         self.cfg, self.rank, self.device, self.first_epoch = cfg, rank, device, first_epoch
+        self.encoded = encoded  # data.decode_on: Ray Data delivers the images encoded
         self.shard = ray.train.get_dataset_shard("train")
         self.batch_size = max(1, cfg.optim.batch_size // world)
         on_device = cfg.data.augments_on_device  # Ray Data delivers uint8 images, augmented here
@@ -230,7 +246,8 @@ class TrainBatches:
 
     def __call__(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
         seed = epoch_seed(self.cfg.train.seed, epoch) + self.rank
-        batches = _torch_batches(
+        read = encoded_batches if self.encoded else _torch_batches
+        batches = read(
             self.shard,
             self.batch_size,
             local_shuffle_buffer_size=self.shuffle_rows,
@@ -244,6 +261,9 @@ class TrainBatches:
             f"epoch {epoch + 1} on rank {self.rank}",
             cluster_summary,
         )
+        if self.encoded:  # each image's crop: a function of (run seed, epoch, sample id)
+            image_seed = epoch_seed(self.cfg.train.seed, epoch)
+            batches = decoded_batches(batches, image_seed, self.cfg.data.image_size, self.device)
         if self.augment is not None:
             batches = augmented_batches(batches, self.augment, seed, self.device)
         if self.rank == 0 and epoch == self.first_epoch:

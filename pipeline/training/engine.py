@@ -29,6 +29,7 @@ from pipeline.data.readers.batch_augment import (
     augmented_batches,
     shuffled_batches,
 )
+from pipeline.data.readers.device_decode import decoded_batches, decodes_on_device
 from pipeline.data.readers.stream_reader import make_stream_loader
 from pipeline.data.readers.torch_reader import LongTailedData, load_longtailed, make_loader
 from pipeline.seeding import epoch_seed
@@ -96,19 +97,33 @@ def in_memory_inputs(
     )
 
 
-def streamed_inputs(cfg: Config, manifest: Manifest, device: torch.device) -> Inputs:
-    """Source images streamed from the shards, decoded and cropped in the loader workers; the
-    rest of the preset on the training device (`data.augment_on`), or in the loader too."""
+def streamed_inputs(
+    cfg: Config, manifest: Manifest, device: torch.device, decode_on_device: bool = False
+) -> Inputs:
+    """Source images streamed from the shards, decoded and cropped in the loader workers (or,
+    `decode_on_device`, the training split decoded and cropped on the device); the rest of the
+    preset on the training device (`data.augment_on`), or in the loader too."""
     pin = device.type == "cuda"
     train = make_stream_loader(
-        manifest, "train", cfg.data, cfg.optim.batch_size, train=True, pin_memory=pin
+        manifest,
+        "train",
+        cfg.data,
+        cfg.optim.batch_size,
+        train=True,
+        pin_memory=pin,
+        encoded=decode_on_device,
     )
     augment = BatchAugment(cfg.data.augment) if cfg.data.augments_on_device else None
 
     def train_batches(epoch: int):
         seed = epoch_seed(cfg.train.seed, epoch)
         train.dataset.set_seed(seed)
-        return train if augment is None else augmented_batches(train, augment, seed, device)
+        if augment is None:
+            return train
+        batches = train
+        if decode_on_device:
+            batches = decoded_batches(train, seed, cfg.data.image_size, device)
+        return augmented_batches(batches, augment, seed, device)
 
     def evaluation(split: str, per_class: int | None = None):
         info = manifest.splits.get(split)
@@ -119,6 +134,7 @@ def streamed_inputs(cfg: Config, manifest: Manifest, device: torch.device) -> In
         )
 
     val, test = evaluation("val"), evaluation("test", cfg.data.test_per_class)
+    where = "; training split decoded on the device" if decode_on_device else ""
     rows = [0 if loader is None else loader.dataset.num_rows for loader in (train, val, test)]
     if augment is not None:  # uint8 evaluation crops: normalised on the device
         val, test = (
@@ -127,7 +143,7 @@ def streamed_inputs(cfg: Config, manifest: Manifest, device: torch.device) -> In
         )
     return Inputs(
         summary=f"{manifest.dataset} train {rows[0]} / val {rows[1]} / test {rows[2]} images "
-        f"(streamed at {cfg.data.image_size} px), {manifest.num_classes} classes",
+        f"(streamed at {cfg.data.image_size} px{where}), {manifest.num_classes} classes",
         class_counts=list(manifest.class_counts),
         train_batches=train_batches,
         val_batches=val,
@@ -143,8 +159,11 @@ def run(cfg: Config, checkpoint_dir: str | None = None, log: Callable[[str], Non
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms
     manifest = read_manifest(cfg.data.uri) if cfg.data.uri else None
-    if manifest is not None and manifest.image.encoding == "source":
-        inputs = streamed_inputs(cfg, manifest, device)  # source images of varying size
+    encoding = manifest.image.encoding if manifest is not None else "decoded"
+    dataset = manifest.uri if manifest is not None else cfg.data.dataset
+    on_device = decodes_on_device(cfg.data, encoding, device.type == "cuda", dataset)
+    if encoding == "source":
+        inputs = streamed_inputs(cfg, manifest, device, on_device)  # images of varying size
     else:
         inputs = in_memory_inputs(cfg, device)
     log(f"data: {inputs.summary}; device {device}")

@@ -12,6 +12,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.data import DataError
 from pipeline.data.manifest import read_manifest
+from pipeline.data.readers.device_decode import decoded_batches
 from pipeline.data.readers.stream_reader import make_stream_loader
 from pipeline.data.shards import read_split_table
 from pipeline.seeding import epoch_seed
@@ -75,18 +76,20 @@ def test_source_training_split_reads_its_shards_in_a_new_order_each_epoch(ray_cl
     assert test_first == test_second == [str(i) for i in stored]
 
 
-@pytest.mark.parametrize("augment_on", ["device", "loader"])
+@pytest.mark.parametrize("augment_on", ["device", "loader", "device, decoded there"])
 def test_ray_data_augments_each_image_as_the_ray_free_reader_does(
     ray_cluster, tmp_path, augment_on
 ):
     """One image per class, so a label names its image: the first execution (epoch 0) of the
     Ray dataset and the streaming loader at epoch_seed(seed, 0) give every image the same
     pixels (uint8 crops for the device, or the whole preset as floats), batches and task
-    boundaries notwithstanding."""
+    boundaries notwithstanding; also when Ray Data ships the encoded images and the training
+    device crops them (`data.decode_on`, here on the CPU)."""
     from pipeline.data.readers.ray_reader import split_dataset
 
     uri, _ = write_source_dataset(tmp_path, {"train": [1] * 16}, rows_per_shard=3)
     manifest = read_manifest(uri)
+    encoded = augment_on == "device, decoded there"
     dataset = split_dataset(
         manifest,
         "train",
@@ -95,15 +98,26 @@ def test_ray_data_augments_each_image_as_the_ray_free_reader_does(
         seed=3,
         batch_size=5,
         image_size=SIZE,
-        uint8=augment_on == "device",
+        uint8=augment_on != "loader",
+        encoded=encoded,
     )
+    if encoded:  # as a Ray Train worker reads and decodes them (data.decode_on)
+        from pipeline.distributed.worker import encoded_batches
+
+        cpu = torch.device("cpu")
+        batches = decoded_batches(encoded_batches(dataset, 5), epoch_seed(3, 0), SIZE, cpu)
+    else:
+        batches = (
+            (torch.from_numpy(b["image"]), b["label"])
+            for b in dataset.iter_batches(batch_format="numpy")
+        )
     ray_pixels = {
-        int(label): torch.from_numpy(image)
-        for batch in dataset.iter_batches(batch_format="numpy")
-        for image, label in zip(batch["image"], batch["label"], strict=True)
+        int(label): image
+        for images, labels in batches
+        for image, label in zip(images, labels, strict=True)
     }
     settings = ["data.augment=randaugment", f"data.image_size={SIZE}"]
-    cfg = load_config(None, [*settings, f"data.augment_on={augment_on}"]).data
+    cfg = load_config(None, [*settings, f"data.augment_on={augment_on.split(',')[0]}"]).data
     loader = make_stream_loader(manifest, "train", cfg, 4, train=True, seed=epoch_seed(3, 0))
     stream_pixels = {
         int(label): image

@@ -450,6 +450,26 @@ def test_cuda_graphs_are_refused_before_anything_starts(tmp_path):
         run_training_job(cfg)
 
 
+@pytest.mark.parametrize(
+    ("use_gpu", "why"),
+    [("false", "the training device is not CUDA"), ("auto", "holds png images, not source JPEGs")],
+)
+def test_decode_on_device_is_refused_before_anything_starts(tiny_dataset, tmp_path, use_gpu, why):
+    """nvJPEG decoding where the config rules it out (GPUs off; PNG shards) is refused by the
+    launch's checks: one line, no lease or data record left under the run's storage."""
+    from pipeline.config import load_config
+    from pipeline.distributed.train import TrainingJobError, run_training_job
+
+    settings = {"data.decode_on": "device", "cluster.use_gpu": use_gpu}
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [f"{k}={v}" for k, v in settings.items()] + _overrides(tmp_path, tiny_dataset),
+    )
+    with pytest.raises(TrainingJobError, match=f"data.decode_on=device, but .*{why}"):
+        run_training_job(cfg, "nvjpeg")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     ray_cluster, tiny_dataset, tmp_path
 ):

@@ -118,3 +118,12 @@ def test_the_device_finishes_the_augmentation_unless_told_otherwise():
     assert large.data.augment_on == "auto" and large.data.augments_on_device
     randaugment = ["data.augment=randaugment", "data.augment_on=loader"]
     assert not load_config(None, randaugment).data.augments_on_device
+
+
+def test_use_gpu_takes_yaml_booleans():
+    """`--set cluster.use_gpu=false` (YAML reads false as a boolean) means "false"."""
+    values = [
+        load_config(None, [f"cluster.use_gpu={v}"]).cluster.use_gpu
+        for v in ("false", "true", "auto")
+    ]
+    assert values == ["false", "true", "auto"]

@@ -259,12 +259,16 @@ def test_the_engine_trains_a_4_stage_shike_on_streamed_source_images(longtailed)
     assert result["test"]["num_samples"] == 8
 
 
-@pytest.mark.parametrize("augment", ["imagenet_jitter", "randaugment"])
+@pytest.mark.parametrize(
+    ("augment", "decode_on_device"),
+    [("imagenet_jitter", False), ("randaugment", False), ("imagenet_jitter", True)],
+)
 def test_resume_with_uint8_crops_finished_on_the_device_is_bit_identical(
-    tmp_path, longtailed, augment
+    tmp_path, longtailed, augment, decode_on_device
 ):
     """Streamed uint8 crops, the colour ops drawn per batch on the device: a run stopped after
-    each epoch and resumed from its checkpoint ends with the uninterrupted run's weights."""
+    each epoch and resumed from its checkpoint ends with the uninterrupted run's weights; also
+    with the crops made on the device from encoded batches (`data.decode_on`)."""
     from pipeline.training.engine import streamed_inputs
     from pipeline.training.session import TrainingSession
 
@@ -287,12 +291,12 @@ def test_resume_with_uint8_crops_finished_on_the_device_is_bit_identical(
     straight = TrainingSession(cfg, counts, cpu)
     straight.start(None)
     for _ in range(3):
-        straight.run_epoch(streamed_inputs(cfg, manifest, cpu).train_batches)
+        straight.run_epoch(streamed_inputs(cfg, manifest, cpu, decode_on_device).train_batches)
 
     session = TrainingSession(cfg, counts, cpu)
     session.start(None)
     for _ in range(3):  # each epoch in a fresh session from the last checkpoint
-        session.run_epoch(streamed_inputs(cfg, manifest, cpu).train_batches)
+        session.run_epoch(streamed_inputs(cfg, manifest, cpu, decode_on_device).train_batches)
         session.save(tmp_path)
         torch.manual_seed(12345)  # the resumed run must not depend on the global RNG
         session = TrainingSession(cfg, counts, cpu)

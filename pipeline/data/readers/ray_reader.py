@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -134,11 +135,17 @@ class SourceShardsDatasource(Datasource):
 
     A training split reads its shards in an order drawn from (seed, execution index): each
     epoch reshuffles them, as `FileShuffleConfig(reseed_after_execution=True)` does for the
-    PNG datasets; task i reads the i-th shard of that order.
+    PNG datasets; task i reads the i-th shard of that order. With `decode` None the rows leave
+    encoded, as stored, for a training device that decodes them (`device_decode`).
     """
 
     def __init__(
-        self, manifest: Manifest, split: str, rows: int, shuffle_seed: int | None, **decode
+        self,
+        manifest: Manifest,
+        split: str,
+        rows: int,
+        shuffle_seed: int | None,
+        decode: dict | None,
     ):
         super().__init__()
         self._fs, self._paths = shard_files(manifest, split)
@@ -173,6 +180,9 @@ class SourceShardsDatasource(Datasource):
             shard = int(order.permutation(len(self._paths))[task])
         with self._fs.open_input_file(self._paths[shard]) as f:
             for rows in pq.ParquetFile(f).iter_batches(batch_size=self.rows, columns=COLUMNS):
+                if self._decode is None:  # encoded: the training device decodes
+                    yield pa.Table.from_batches([rows])
+                    continue
                 batch = {name: rows[name].to_numpy(zero_copy_only=False) for name in COLUMNS}
                 yield BlockAccessor.batch_to_block(decode_and_transform(batch, **self._decode))
 
@@ -213,10 +223,13 @@ def split_dataset(
     with_ids: bool = False,
     image_size: int | None = None,
     uint8: bool = False,
+    encoded: bool = False,
 ) -> ray.data.Dataset:
     """A Ray Dataset of one split: rows {"image": float32 (3,H,W), "label": int64} (plus the
     source's "sample_id" with `with_ids`). H = W = `image_size` for a "source" dataset (which
     needs it, and an ImageNet-style `augment`); PNG datasets keep their stored size.
+    `encoded` (source datasets): the rows as stored, {"image": encoded bytes, "label",
+    "sample_id"}, for a training device that decodes them (`device_decode`).
     `batch_size`: rows per decode call of PNG shards, per output block of a source read task
     (None: PNG_TASK_ROWS / SOURCE_TASK_ROWS).
     `uint8`: uint8 images for a consumer that finishes the augmentation on its own device
@@ -232,6 +245,8 @@ def split_dataset(
         if image_size is None:
             raise ValueError(f"{manifest.uri}: images of varying size need an image_size")
         require_resizing_preset(augment, manifest.uri)
+    elif encoded:
+        raise ValueError(f"{manifest.uri}: only source images travel encoded")
     if verify:
         verify_split(manifest, split)
     decode = {"augment": augment, "train": train, "seed": seed, "with_ids": with_ids}
@@ -241,14 +256,18 @@ def split_dataset(
             split,
             batch_size or SOURCE_TASK_ROWS,
             seed if train else None,
-            **decode,
-            image_size=image_size,
-            uint8=uint8,
+            None if encoded else {**decode, "image_size": image_size, "uint8": uint8},
         )
         # A target block size just under what a task yields at a time, so that each block
         # leaves as soon as it is made; at the default (128 MiB) a task's blocks are merged
         # and the whole shard leaves when the task ends.
-        yielded = shards.rows * 3 * image_size**2 * (1 if uint8 else 4)
+        if encoded:  # the encoded bytes of `rows` images: the split's average size
+            info = manifest.split_info(split).shards
+            yielded = (
+                shards.rows * sum(s.bytes for s in info) // max(1, sum(s.num_rows for s in info))
+            )
+        else:
+            yielded = shards.rows * 3 * image_size**2 * (1 if uint8 else 4)
         with _data_context(target_max_block_size=int(0.75 * yielded)):
             # as many blocks as read tasks: asked for more, Ray Data splits each task's output
             return ray.data.read_datasource(shards, override_num_blocks=shards.num_shards)
@@ -286,13 +305,15 @@ def training_datasets(
     seed: int,
     image_size: int | None = None,
     uint8: bool = False,
+    encoded_train: bool = False,
 ) -> dict[str, ray.data.Dataset]:
     """{"train", "val", "test"} datasets for a TorchTrainer from a dataset's manifest (read
     and verified). `image_size` (data.image_size) is the side of the batches' images for
     "source" datasets.
     `uint8` (data.augment_on): the workers finish the augmentation on their own device, so the
     training split arrives as uint8 images (CIFAR: as decoded; source images: cropped and
-    flipped), and a source dataset's evaluation splits as uint8 evaluation crops."""
+    flipped), and a source dataset's evaluation splits as uint8 evaluation crops.
+    `encoded_train` (data.decode_on): the training split's source images arrive encoded."""
     quiet_progress()
     if manifest.train_row_order != TRAIN_ROW_ORDER:
         # The streaming shuffle mixes only ~1,000 neighbouring rows: class-ordered rows would
@@ -304,7 +325,9 @@ def training_datasets(
             f"{TRAIN_ROW_ORDER} order (the Ray-free engine reads either)"
         )
     common = {"augment": augment, "image_size": image_size}
-    train = split_dataset(manifest, "train", train=True, seed=seed, uint8=uint8, **common)
+    train = split_dataset(
+        manifest, "train", train=True, seed=seed, uint8=uint8, encoded=encoded_train, **common
+    )
     # Evaluation crops of source images are uint8 too; CIFAR evaluation splits stay float.
     eval_uint8 = uint8 and manifest.image.encoding == "source"
     datasets = {"train": train}

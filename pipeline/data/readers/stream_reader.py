@@ -113,7 +113,8 @@ def _shuffled(rows: Iterator[Row], size: int, rng: np.random.Generator) -> Itera
 
 
 class ShardStream(IterableDataset):
-    """(transformed image, label) of one split, streamed shard by shard (see the module doc).
+    """(transformed image, label) of one split, streamed shard by shard (see the module doc);
+    with no `transform`, (encoded image, label, sample id).
 
     `seed` is the epoch seed (`pipeline.seeding.epoch_seed`); `set_seed` before each epoch.
     `keep_rows` (per shard, row indices) restricts an evaluation split (`balanced_rows`).
@@ -178,7 +179,11 @@ class ShardStream(IterableDataset):
         rows = (row for i in order[worker::workers] for row in self._shard_rows(int(i), rng))
         yield from _shuffled(rows, self.buffer_size, rng)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | tuple[bytes, int, str]]:
+        if self.transform is None:  # encoded: the training device decodes (device_decode)
+            for blob, label, sample_id, _ in self._rows():
+                yield blob, label, sample_id
+            return
         # A loader worker's RNG is its own; in the main process, leave the caller's RNG intact.
         in_worker = get_worker_info() is not None
         for blob, label, sample_id, where in self._rows():
@@ -202,12 +207,14 @@ def make_stream_loader(
     pin_memory: bool = False,
     per_class: int | None = None,
     buffer_size: int = SHUFFLE_BUFFER_ROWS,
+    encoded: bool = False,
 ) -> DataLoader:
     """A DataLoader of (NCHW image_size x image_size, int64 labels) over one split of a
     "source" dataset, decoded and cropped in `cfg.loader_workers` workers: uint8 when the
     training device finishes the augmentation (`cfg.augments_on_device`: the preset's colour
     ops and normalisation, pipeline.data.readers.batch_augment), else the whole preset here,
-    normalised float.
+    normalised float. `encoded`: (encoded images, int64 labels, sample ids) batches of the
+    rows as stored, for a training device that decodes them (`device_decode`).
 
     For training, `seed` is the epoch seed; one loader serves a whole run when
     `loader.dataset.set_seed(epoch_seed(run seed, epoch))` is called before each epoch. Its
@@ -224,7 +231,9 @@ def make_stream_loader(
             f"again with jobs/prepare_data.py)"
         )
     keep_rows = balanced_rows(manifest, split, per_class) if per_class is not None else None
-    if cfg.augments_on_device:
+    if encoded:
+        transform = None
+    elif cfg.augments_on_device:
         transform = imagenet_geometry(train, cfg.image_size)
     else:
         transform = build_transform(cfg.augment, train=train, image_size=cfg.image_size)
