@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 import psutil
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -111,7 +112,17 @@ def decoders() -> dict[str, Callable]:
             _tensor(b), ImageReadMode.RGB
         ),
         "pipeline.data.codec.decode_rgb (what the readers call)": decode_rgb,
+        # libjpeg-turbo through its TurboJPEG API: the same pixels as decode_jpeg's
+        "simplejpeg.decode_jpeg": lambda b: _chw(simplejpeg.decode_jpeg(b)),
+        # its faster integer IDCT and plain chroma upsampling: other pixels (a reduced decode)
+        "simplejpeg.decode_jpeg(fastdct, fastupsample)": lambda b: _chw(
+            simplejpeg.decode_jpeg(b, fastdct=True, fastupsample=True)
+        ),
     }
+
+
+def _chw(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 LIMIT = "one-core limit: decode_jpeg + v2.RandomResizedCrop(224, antialias) + flip, uint8"
@@ -119,8 +130,9 @@ LIMIT = "one-core limit: decode_jpeg + v2.RandomResizedCrop(224, antialias) + fl
 
 def crop_candidates() -> dict[str, Callable]:
     """Decode + RandomResizedCrop 224 + flip, uint8 out, one image at a time: the limit of one
-    core (torchvision on the whole decoded image), what our readers run, and a reduced decode
-    (libjpeg's DCT scaling through Pillow's `draft` where the crop spans twice the output)."""
+    core (torchvision on the whole decoded image), another libjpeg-turbo binding, what our
+    readers run, and a reduced decode (libjpeg's DCT scaling through Pillow's `draft` where the
+    crop spans twice the output)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms import v2
 
@@ -148,6 +160,9 @@ def crop_candidates() -> dict[str, Callable]:
 
     return {
         LIMIT: lambda b: crop(decode_jpeg(_tensor(b), ImageReadMode.RGB)),
+        "simplejpeg.decode_jpeg + the same crop + flip": lambda b: crop(
+            _chw(simplejpeg.decode_jpeg(b))
+        ),
         "ours: decode_rgb + imagenet_geometry, seeded per image (the readers' step)": lambda b: (
             transform_seeded(ours, decode_rgb(b), next(seeds))
         ),
