@@ -120,10 +120,11 @@ def streamed_inputs(
         train.dataset.set_seed(seed)
         if augment is None:
             return train
-        batches = train
         if decode_on_device:
-            batches = decoded_batches(train, seed, cfg.data.image_size, device)
-        return augmented_batches(batches, augment, seed, device)
+            train_crops = decoded_batches(train, seed, cfg.data.image_size, device)
+        else:
+            train_crops = train
+        return augmented_batches(train_crops, augment, seed, device)
 
     def evaluation(split: str, per_class: int | None = None):
         info = manifest.splits.get(split)
