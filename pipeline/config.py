@@ -244,12 +244,6 @@ class TrainConfig(_Section):
 class ClusterConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: Literal["auto", "true", "false"] = "auto"
-
-    @field_validator("use_gpu", mode="before")
-    @classmethod
-    def _yaml_bool(cls, value: Any) -> Any:
-        # YAML (a config file, --set cluster.use_gpu=false) reads true/false as booleans
-        return str(value).lower() if isinstance(value, bool) else value
     cpus_per_worker: float = Field(1.0, gt=0)
     # Where Ray Train keeps checkpoints: a local folder or s3://bucket/prefix.
     storage_path: str = "./runs"
@@ -266,6 +260,12 @@ class ClusterConfig(_Section):
     # no-progress limit. Ray's defaults wait 1,800 s (Ray Data, and gloo's collectives), which
     # made a lost node cost 30 minutes per retry; 300 s leaves slow storage ample room.
     stall_timeout_s: float = Field(300.0, gt=0, le=1800)
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yaml_bool(cls, value: Any) -> Any:
+        # YAML (a config file, --set cluster.use_gpu=false) reads true/false as booleans
+        return str(value).lower() if isinstance(value, bool) else value
 
 
 class TrackingConfig(_Section):

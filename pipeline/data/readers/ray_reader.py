@@ -260,7 +260,11 @@ def split_dataset(
         )
         # A target block size just under what a task yields at a time, so that each block
         # leaves as soon as it is made; at the default (128 MiB) a task's blocks are merged
-        # and the whole shard leaves when the task ends.
+        # and the whole shard leaves when the task ends. No per-operator resource reservation:
+        # by default Ray Data splits the CPUs and object store memory into operators' reserved
+        # shares and a shared pool and holds a new task back while a share is used up; with
+        # one operator the split only left the cores idle between tasks (a quarter of a pass
+        # on 2 CPUs, half that without it: bench/HISTORY.md).
         if encoded:  # the encoded bytes of `rows` images: the split's average size
             info = manifest.split_info(split).shards
             yielded = (
@@ -268,7 +272,8 @@ def split_dataset(
             )
         else:
             yielded = shards.rows * 3 * image_size**2 * (1 if uint8 else 4)
-        with _data_context(target_max_block_size=int(0.75 * yielded)):
+        settings = {"target_max_block_size": int(0.75 * yielded)}
+        with _data_context(**settings, op_resource_reservation_enabled=False):
             # as many blocks as read tasks: asked for more, Ray Data splits each task's output
             return ray.data.read_datasource(shards, override_num_blocks=shards.num_shards)
     fs, paths = shard_files(manifest, split)
