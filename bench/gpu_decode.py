@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize(device)
 
         blobs = [bytes(blob.numpy()) for blob in jpegs]
-        ids = [str(i) for i in range(len(blobs))]
+        seeds = list(range(len(blobs)))
+        ids = [str(i) for i in seeds]
 
         def ours() -> None:  # what a Ray Train worker runs with data.decode_on=device
             for start in range(0, len(blobs), args.batch):
                 part = slice(start, start + args.batch)
-                decode_crops(blobs[part], ids[part], list(range(start, start + args.batch)),
-                             IMAGE_SIZE, device)  # fmt: skip
+                decode_crops(blobs[part], ids[part], seeds[part], IMAGE_SIZE, device)
             torch.cuda.synchronize(device)
 
         gpu, steps = _rate(on_gpu, len(jpegs), args.passes), _rate(ours, len(jpegs), args.passes)

@@ -56,7 +56,7 @@ def test_decoding_on_the_device_gives_the_cpu_readers_crops(manifest):
         assert torch.equal(got_labels, want_labels) and torch.equal(got, want)
 
 
-def test_an_undecodable_image_is_named(manifest):
+def test_an_undecodable_image_is_named():
     blobs = [b"\xff\xd8\xff\xe0 not a jpeg", b"neither is this"]
     with pytest.raises(SourceFormatError, match="sample n01/a.JPEG"):
         decode_crops(blobs, ["n01/a.JPEG", "n02/b.JPEG"], [1, 2], SIZE, CPU)

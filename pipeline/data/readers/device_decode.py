@@ -5,9 +5,11 @@ there: the CPUs of a GPU node only read shards.
 
 Each image's crop and flip are `imagenet_geometry`'s, drawn from torch's CPU generator seeded
 by `augmentation_seed(epoch seed, sample id)`, as the CPU readers draw them: the same boxes and
-flips whichever side decodes, and pixels that differ only by the decoders' rounding (nvJPEG's
-IDCT and chroma upsampling are not libjpeg-turbo's). Images that are not JPEG (a PNG or GIF
-among the source files) are decoded on the CPU (`codec.decode_rgb`) and moved over.
+flips whichever side decodes. The pixels can differ by the decoders' rounding (nvJPEG's IDCT
+and chroma upsampling are not libjpeg-turbo's): on CPU they are equal, on CUDA
+tests/unit/test_device_decode.py bounds the difference (run by bench/gpu_session.sh). Images
+that are not JPEG (a PNG or GIF among the source files) are decoded on the CPU
+(`codec.decode_rgb`) and moved over.
 
 Evaluation splits stay decoded on the CPU: rank 0 reads them once and keeps them in memory
 where they fit (`distributed.worker.EvalBatches`).
@@ -23,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.codec import decode_rgb
-from pipeline.data.readers.transforms import imagenet_geometry
+from pipeline.data.readers.transforms import imagenet_geometry, transform_seeded
 from pipeline.seeding import augmentation_seed
 
 # The three bytes every JPEG file starts with (SOI marker + the next marker's 0xFF).
@@ -90,13 +92,15 @@ def decode_crops(
     by `seeds[i]` (unseeded without). The caller's CPU generator state is left as it was."""
     images = _decoded(blobs, [str(i) for i in sample_ids], device)
     geometry = imagenet_geometry(train, image_size)
-    out = torch.empty((len(blobs), 3, image_size, image_size), dtype=torch.uint8, device=device)
     with torch.random.fork_rng(devices=[]):
-        for i, image in enumerate(images):
-            if seeds is not None:
-                torch.default_generator.manual_seed(seeds[i])
-            out[i] = geometry(image)
-    return out
+        if seeds is None:
+            return torch.stack([geometry(image) for image in images])
+        return torch.stack(
+            [
+                transform_seeded(geometry, image, seed)
+                for image, seed in zip(images, seeds, strict=True)
+            ]
+        )
 
 
 def decoded_batches(

@@ -272,8 +272,9 @@ def split_dataset(
             )
         else:
             yielded = shards.rows * 3 * image_size**2 * (1 if uint8 else 4)
-        settings = {"target_max_block_size": int(0.75 * yielded)}
-        with _data_context(**settings, op_resource_reservation_enabled=False):
+        with _data_context(
+            target_max_block_size=int(0.75 * yielded), op_resource_reservation_enabled=False
+        ):
             # as many blocks as read tasks: asked for more, Ray Data splits each task's output
             return ray.data.read_datasource(shards, override_num_blocks=shards.num_shards)
     fs, paths = shard_files(manifest, split)
