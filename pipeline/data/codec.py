@@ -20,14 +20,15 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as F
 
 from pipeline.data import SourceFormatError
+
+if TYPE_CHECKING:
+    import torch
 
 PNG_COMPRESS_LEVEL = 6
 RESIZED_JPEG_QUALITY = 90
@@ -76,6 +77,8 @@ def decode_images(
 
 
 def _decode_with_pillow(blob: bytes, what: str) -> torch.Tensor:
+    import torch
+
     try:
         with Image.open(io.BytesIO(blob)) as image:
             pixels = np.asarray(image.convert("RGB"))
@@ -89,6 +92,12 @@ def _decode_with_pillow(blob: bytes, what: str) -> torch.Tensor:
 def decode_rgb(blob: bytes, what: str = "image") -> torch.Tensor:
     """A uint8 (3, H, W) RGB tensor of one encoded image; SourceFormatError naming `what`
     (e.g. the sample id and its shard) when it cannot be decoded."""
+    # Imported here, not with the module: the shard readers import this module in Ray's
+    # coordinator processes, which never decode (pipeline.data.readers.ray_reader).
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as F
+
     # A writable copy: torch.frombuffer warns on read-only `bytes` (the copy is cheap beside
     # the decode).
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)

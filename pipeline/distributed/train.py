@@ -110,9 +110,11 @@ def build_trainer(
         ),
         datasets=datasets,
         # Only the training split is sharded across workers; rank 0 evaluates val/test whole,
-        # so the logged metrics are exact (an equal split would drop up to world-1 rows).
+        # so the logged metrics are exact (an equal split would drop up to world-1 rows). One
+        # worker reads the whole split: no streaming split, so no SplitCoordinator actor to
+        # start (a Ray worker process at every launch) nor its hop for each block.
         dataset_config=DataConfig(
-            datasets_to_split=["train"],
+            datasets_to_split=["train"] if cfg.cluster.num_workers > 1 else [],
             execution_options={
                 name: _ordered_ingest_options() if name == "train" else _ingest_options()
                 for name in datasets

@@ -48,3 +48,18 @@ def test_ray_or_mlflow_in_the_core_breaks_its_contract(tmp_path, module, library
     assert "The core runs anywhere" in out.stdout and "BROKEN" in out.stdout
     dotted = "pipeline." + module.removesuffix(".py").replace("/", ".")
     assert f"{dotted} -> {library}" in out.stdout
+
+
+def test_the_ray_data_reader_imports_no_torch():
+    """Ray Train's controller, its DatasetManager and Ray Data's SplitCoordinator import the
+    reader's module when they unpickle the datasets, at every launch, and never decode: the
+    module leaves torch and torchvision to the functions that decode (in Ray Data's tasks)."""
+    code = (
+        "import sys, pipeline.data.readers.ray_reader;"
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

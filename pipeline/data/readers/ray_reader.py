@@ -15,34 +15,35 @@ For a training step that finishes the augmentation on its own device (`data.augm
 batches are uint8: PNG images as decoded, source images cropped and flipped (evaluation splits:
 the evaluation crop); otherwise normalised float.
 Ray is imported here and in distributed/ only.
+
+Torch, torchvision and the transforms are imported inside the functions that decode (they run
+in Ray Data's tasks), not with this module: Ray Train's controller, its DatasetManager and Ray
+Data's SplitCoordinator unpickle these datasets, so import this module, at every launch, and
+never decode; torch and torchvision would add seconds of CPU to each of those processes' start
+(bench/HISTORY.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.data import DataError
-from pipeline.data.codec import decode_images, decode_rgb
 from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest
 from pipeline.data.readers.ray_progress import RAY_DATA_BARS_OFF_NOTICE
-from pipeline.data.readers.transforms import (
-    apply_to_batch,
-    build_transform,
-    imagenet_geometry,
-    require_resizing_preset,
-    transform_seeded,
-)
 from pipeline.data.shards import shard_files, verify_split
 from pipeline.seeding import augmentation_seed, epoch_seed
+
+if TYPE_CHECKING:
+    import torch
 
 COLUMNS = ["image", "label", "sample_id"]  # the id keys each image's augmentation seed
 # Rows per `map_batches` call of PNG (CIFAR) shards, decoded as one array.
@@ -70,6 +71,11 @@ def _decode_sources(
 ) -> torch.Tensor:
     """Source images of any size, one by one: decoded, then `transform`ed (seeded per image
     when `seeds` are given)."""
+    import torch
+
+    from pipeline.data.codec import decode_rgb
+    from pipeline.data.readers.transforms import transform_seeded
+
     out = []
     for i, (blob, sample_id) in enumerate(zip(blobs, sample_ids, strict=True)):
         image = decode_rgb(blob, f"sample {sample_id}")
@@ -93,6 +99,9 @@ def decode_and_transform(
     preset's geometry alone, as uint8, for a training device that does the rest. The train
     transform is random per image: seeded per image and epoch from `seed` (pipeline.seeding),
     unseeded without."""
+    from pipeline.data.codec import decode_images
+    from pipeline.data.readers.transforms import apply_to_batch, build_transform, imagenet_geometry
+
     seeds = None
     if train and seed is not None:
         epoch = epoch_seed(seed, _execution_index())
@@ -116,6 +125,8 @@ def decode_and_transform(
 def decode_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Encoded PNGs -> uint8 NCHW batch, for a training step that augments on its own device
     (`data.augment_on`, pipeline.data.readers.batch_augment)."""
+    from pipeline.data.codec import decode_images
+
     images = decode_images(list(batch["image"]), "shard rows")
     return {
         "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
@@ -244,6 +255,8 @@ def split_dataset(
     if source:
         if image_size is None:
             raise ValueError(f"{manifest.uri}: images of varying size need an image_size")
+        from pipeline.data.readers.transforms import require_resizing_preset
+
         require_resizing_preset(augment, manifest.uri)
     elif encoded:
         raise ValueError(f"{manifest.uri}: only source images travel encoded")
