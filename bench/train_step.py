@@ -42,8 +42,16 @@ CPU_MODES = ("eager float32", "eager float32 channels-last")  # AMP and graphs n
 COUNTS = [5000 // (i + 1) for i in range(10)]
 
 
-def images_per_s(overrides: list[str], batch: int, steps: int, device: torch.device) -> float:
-    """Median images/s of three timed passes of `steps` steps, after a warm-up pass."""
+def images_per_s(
+    overrides: list[str],
+    batch: int,
+    steps: int,
+    device: torch.device,
+    image_size: int = 32,
+    counts: list[int] = COUNTS,
+) -> float:
+    """Median images/s of three timed passes of `steps` steps on one batch of random
+    `image_size` images, after a warm-up pass; `counts`: training images per class."""
     cfg = load_config(
         None,
         [
@@ -54,10 +62,10 @@ def images_per_s(overrides: list[str], batch: int, steps: int, device: torch.dev
             *overrides,
         ],
     )
-    session = TrainingSession(cfg, COUNTS, device)
+    session = TrainingSession(cfg, counts, device)
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    y = torch.randint(0, len(counts), (batch,), device=device)
     session.run_epoch([(x, y)] * 5)  # warm-up (cuDNN, allocator; capture for graphs)
     return statistics.median(session.run_epoch([(x, y)] * steps)["images_per_s"] for _ in range(3))
 

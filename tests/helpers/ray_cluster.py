@@ -33,6 +33,16 @@ RAY_ENV = {
 }
 
 
+def own_ports(head: bool) -> list[str]:
+    """`ray start` arguments that replace Ray's fixed default ports with free ones: the
+    dashboard agent's HTTP port (52365), through which `ray job submit` reaches a node, and a
+    head's Ray Client server (10001). Two nodes on one machine (the node-loss test's cluster
+    beside the session's, or a developer's Ray) would otherwise race for them, and the loser's
+    agent runs without its HTTP server: "No available agent to submit job"."""
+    ports = [f"--dashboard-agent-listen-port={free_port()}"]
+    return [*ports, f"--ray-client-server-port={free_port()}"] if head else ports
+
+
 def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
@@ -57,6 +67,7 @@ def ray_head(tmp_dir: Path, num_cpus: int = 4, extra_env: dict | None = None):
         f"--dashboard-port={dash}",
         f"--temp-dir={tmp_dir}",
         "--disable-usage-stats",
+        *own_ports(head=True),
     ]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     address = f"127.0.0.1:{port}"

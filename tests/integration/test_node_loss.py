@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.helpers.checkpoints import registered_checkpoint
 from tests.helpers.processes import start_driver
-from tests.helpers.ray_cluster import RAY_ENV, _ray_bin, _stop
+from tests.helpers.ray_cluster import RAY_ENV, _ray_bin, _stop, own_ports
 from tests.helpers.s3_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -67,12 +67,12 @@ def two_nodes(tmp: Path) -> Iterator[dict]:
     try:
         subprocess.run(
             [_ray_bin(), "start", "--head", f"--port={port}", "--include-dashboard=false",
-             f"--temp-dir={tmp / 'head'}", *common],
+             f"--temp-dir={tmp / 'head'}", *common, *own_ports(head=True)],
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         subprocess.run(
             [_ray_bin(), "start", f"--address=127.0.0.1:{port}", f"--temp-dir={tmp / 'node'}",
-             *common],
+             *common, *own_ports(head=False)],
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "_orphans": orphans}
