@@ -39,17 +39,12 @@ quickstart: install
 	@echo "Load model:   $(BIN)/python -c \"import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db'); m = mlflow.pyfunc.load_model('models:/shike-cifar10-lt-if100@candidate'); print(m.metadata.metadata)\""
 	@echo "Without Ray:  $(BIN)/python -m pipeline.training.engine --config configs/quickstart.yaml"
 
-# Three lanes at once: tests/integration (one shared Ray cluster; a third of their time is
-# spent waiting on Ray); beside it the node-loss test, which starts a two-node cluster of its
-# own and spends most of its minute and a half waiting (node start-up, its stall timeout); and
-# the unit and infra tests at the lowest CPU priority (nice 19; Ray's own workers run at 15),
-# so that they mostly fill the waits of the others. The side lanes' reports are printed after.
-# All must pass. Our own modules are byte-compiled first for the same reason as the venv
-# (each test starts drivers, jobs and Ray workers that import them).
-NODE_LOSS = tests/integration/test_node_loss.py
+# The suite in parallel lanes (tests/lanes.sh says which and why). Our own modules are
+# byte-compiled first for the same reason as the venv: each test starts drivers, jobs and Ray
+# workers that import them.
 test: install
 	@$(BIN)/python -m compileall -q -j 0 pipeline jobs bench tests > /dev/null
-	@nice -n 19 $(BIN)/python -m pytest -q tests/unit tests/infra > .test-unit.log 2>&1 & unit_lane=$$!; 	$(BIN)/python -m pytest -q $(NODE_LOSS) > .test-node-loss.log 2>&1 & node_lane=$$!; 	$(BIN)/python -m pytest -q tests/integration --ignore=$(NODE_LOSS); integration=$$?; 	wait $$node_lane; node_loss=$$?; wait $$unit_lane; unit=$$?; 	echo; echo "== $(NODE_LOSS) (run beside tests/integration)"; cat .test-node-loss.log; 	echo; echo "== tests/unit and tests/infra (run beside tests/integration)"; cat .test-unit.log; 	[ $$integration -eq 0 ] && [ $$node_loss -eq 0 ] && [ $$unit -eq 0 ]
+	@bash tests/lanes.sh $(BIN)/python
 
 lint: install
 	$(BIN)/lint-imports

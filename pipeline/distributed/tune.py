@@ -228,10 +228,14 @@ def check_state_api(timeout_s: float = 15) -> None:
     asks the State API whether the controller is still alive. Without it the CPUs/GPUs of
     every finished trial stay reserved, and the next trials wait for them forever.
     """
+    import ray
     from ray.util.state import list_actors
 
+    # The cluster this driver is connected to: without an address the State API guesses one,
+    # and refuses to when the machine runs several Ray instances.
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     try:
-        list_actors(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+        list_actors(address=address, limit=1, timeout=timeout_s, raise_on_missing_output=False)
     except Exception:
         raise SweepError(
             "Ray's State API does not answer (is the Ray dashboard running?): Ray Train needs "

@@ -25,13 +25,16 @@ ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 5
 
 
-def _live_train_actors() -> set[str]:
+def _live_train_actors(cluster) -> set[str]:
     """Ids of the cluster's live actors of Ray Train runs: controllers and workers (not the
     cluster's one detached TrainStateActor, which outlives every run by design)."""
     from ray.util.state import list_actors
 
     alive = list_actors(
-        filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False
+        address=cluster.dashboard,
+        filters=[("state", "=", "ALIVE")],
+        limit=1000,
+        raise_on_missing_output=False,
     )
     run_actors = ("TrainController", "RayTrainWorker")
     return {a.actor_id for a in alive if any(name in a.class_name for name in run_actors)}
@@ -61,7 +64,7 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_on_other_data_is_refused(
     args = ["--config", "configs/smoke.yaml", "--run-name", name]
     for key, value in overrides.items():
         args += ["--set", f"{key}={value}"]
-    before = _live_train_actors()
+    before = _live_train_actors(ray_cluster)
     proc = start_driver([sys.executable, "-m", "jobs.train", *args], ROOT, ray_cluster.env)
     deadline = time.monotonic() + 240
     while registered_checkpoint(tmp_path / "runs", name) is None:
@@ -69,7 +72,9 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_on_other_data_is_refused(
         assert time.monotonic() < deadline, "no checkpoint was registered in 240 s"
         time.sleep(0.3)
 
-    assert _live_train_actors() - before, "the run's Train actors are not seen: the check is void"
+    assert _live_train_actors(ray_cluster) - before, (
+        "the run's Train actors are not seen: the check is void"
+    )
     sent = time.monotonic()
     out = interrupt(proc, timeout=30)
     assert time.monotonic() - sent < 30, out[-3000:]
@@ -91,7 +96,7 @@ def test_ctrl_c_stops_the_run_and_a_relaunch_on_other_data_is_refused(
     assert run.info.status == "KILLED"
     # The driver's actors die with it, but the cluster notices its exit a moment later.
     deadline = time.monotonic() + 15
-    while (left := _live_train_actors() - before) and time.monotonic() < deadline:
+    while (left := _live_train_actors(ray_cluster) - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"Train actors still alive after the driver exited: {left}"
     _relaunch_on_other_data_is_refused(args, tiny_dataset, tmp_path, ray_cluster.env, uri, run)
