@@ -222,6 +222,16 @@ def _data_context(**settings) -> Iterator[None]:
 PARQUET_READER_V1 = {"use_datasource_v2": False}
 
 
+def _require_resizing(manifest: Manifest, image_size: int | None, augment: str) -> None:
+    """Source images vary in size: a dataset of them needs an image_size and a preset that
+    brings them to it."""
+    from pipeline.data.readers.transforms import require_resizing_preset
+
+    if image_size is None:
+        raise ValueError(f"{manifest.uri}: images of varying size need an image_size")
+    require_resizing_preset(augment, manifest.uri)
+
+
 def split_dataset(
     manifest: Manifest,
     split: str,
@@ -253,11 +263,7 @@ def split_dataset(
     """
     source = manifest.image.encoding == "source"
     if source:
-        if image_size is None:
-            raise ValueError(f"{manifest.uri}: images of varying size need an image_size")
-        from pipeline.data.readers.transforms import require_resizing_preset
-
-        require_resizing_preset(augment, manifest.uri)
+        _require_resizing(manifest, image_size, augment)
     elif encoded:
         raise ValueError(f"{manifest.uri}: only source images travel encoded")
     if verify:
