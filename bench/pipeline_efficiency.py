@@ -246,7 +246,7 @@ def large_row(args) -> None:
         f"{train.num_rows:,} generated JPEGs ({LARGE_CLASSES} classes, ImageNet-LT layout, sides "
         f"{LARGE_SIDES[0]}-{LARGE_SIDES[1]} px) from local shards; bare step: the same model, "
         f"batch {LARGE_BATCH}, 2 threads, random tensors; peak memory: the node's processes' "
-        "summed PSS, sampled each second\n\n"
+        f"summed PSS, sampled every {memory.period:g} s\n\n"
         "| job images/s | bare step images/s | ratio | input wait | submit -> first batch (s) | peak memory (GiB) |\n"
         "|---|---|---|---|---|---|\n"
         f"| {job_rate:.1f} | {bare:.1f} | {job_rate / bare:.2f} | {100 * wait:.0f}% "
