@@ -52,8 +52,11 @@ def ray_head(tmp_dir: Path, num_cpus: int = 4, extra_env: dict | None = None):
     """Yield (gcs_address, dashboard_url, env) of a fresh head node; stop it afterwards.
     `extra_env` reaches the node's processes (Ray workers) but not this process."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(tmp_dir), **(extra_env or {})}
     port, dash = free_port(), free_port()
+    # RAY_ADDRESS reaches the node's own processes too: Ray Train's PlacementGroupCleaner asks
+    # the State API with no address, which refuses to guess when the machine runs two Rays.
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(tmp_dir), **(extra_env or {})}
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     cmd = [
         _ray_bin(),
         "start",
@@ -70,8 +73,7 @@ def ray_head(tmp_dir: Path, num_cpus: int = 4, extra_env: dict | None = None):
         *own_ports(head=True),
     ]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    address = f"127.0.0.1:{port}"
-    env["RAY_ADDRESS"] = address
+    address = env["RAY_ADDRESS"]
     try:
         _wait_dashboard(dash)
         yield address, f"http://127.0.0.1:{dash}", env

@@ -59,8 +59,9 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failu
 def two_nodes(tmp: Path) -> Iterator[dict]:
     """A head and a worker node, 2 CPUs each, with their own temp dirs under `tmp`; yields the
     environment for drivers. Stops only these nodes' processes."""
-    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(tmp), **FAST_NODE_DEATH}
     port = free_port()
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(tmp), **FAST_NODE_DEATH}
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # for the nodes' processes too (ray_cluster.ray_head)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0"]
     common += ["--disable-usage-stats"]
     orphans: list[psutil.Process] = []
@@ -75,7 +76,7 @@ def two_nodes(tmp: Path) -> Iterator[dict]:
              *common, *own_ports(head=False)],
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
-        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "_orphans": orphans}
+        yield {**env, "_orphans": orphans}
     finally:
         _stop(tmp)
         for proc in orphans:  # the lost node's workers, if they outlived their raylet
