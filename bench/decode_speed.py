@@ -131,16 +131,15 @@ LIMIT = "one-core limit: decode_jpeg + v2.RandomResizedCrop(224, antialias) + fl
 def crop_candidates() -> dict[str, Callable]:
     """Decode + RandomResizedCrop 224 + flip, uint8 out, one image at a time: the limit of one
     core (torchvision on the whole decoded image), another libjpeg-turbo binding, what our
-    readers run, and a reduced decode (libjpeg's DCT scaling through Pillow's `draft` where the
-    crop spans twice the output)."""
+    readers run (the crop's region decoded alone, same pixels), and a reduced decode (libjpeg's
+    DCT scaling through Pillow's `draft` where the crop spans twice the output)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms import v2
 
-    from pipeline.data.codec import decode_rgb
-    from pipeline.data.readers.transforms import imagenet_geometry, transform_seeded
+    from pipeline.data.readers.transforms import DecodeGeometry
 
     crop = v2.Compose([v2.RandomResizedCrop(IMAGE_SIZE, antialias=True), v2.RandomHorizontalFlip()])
-    ours = imagenet_geometry(True, IMAGE_SIZE)
+    ours = DecodeGeometry(True, IMAGE_SIZE)
     seeds = iter(range(10**9))
 
     def reduced(blob: bytes) -> torch.Tensor:
@@ -163,8 +162,8 @@ def crop_candidates() -> dict[str, Callable]:
         "simplejpeg.decode_jpeg + the same crop + flip": lambda b: crop(
             _chw(simplejpeg.decode_jpeg(b))
         ),
-        "ours: decode_rgb + imagenet_geometry, seeded per image (the readers' step)": lambda b: (
-            transform_seeded(ours, decode_rgb(b), next(seeds))
+        "ours: DecodeGeometry, the crop's region decoded alone, seeded per image (the readers' step)": (
+            lambda b: ours(b, "image", next(seeds))
         ),
         "Pillow: reduced decode (draft) + resize of the crop box": reduced,
     }
@@ -185,8 +184,8 @@ def write_image_folder(manifest, root: Path) -> Path:
 
 
 def litdata_loader(blobs: list[bytes], labels: list[int], root: Path, cores: int):
-    """LitData reading the same JPEGs, optimized into its chunks, with our readers' crop (decode
-    + RandomResizedCrop + flip, uint8) in its loader workers."""
+    """LitData reading the same JPEGs, optimized into its chunks, with the one-core limit's step
+    (whole decode + RandomResizedCrop + flip, uint8) in its loader workers."""
     import multiprocessing
 
     import litdata
@@ -262,7 +261,10 @@ def pipelines(manifest, work: Path, cores: int) -> dict[str, tuple[Callable, Cal
             lambda: DataLoader(image_folder, batch_size=BATCH, shuffle=True, num_workers=cores),
             by_index,
         ),
-        "LitData StreamingDataset + StreamingDataLoader, our crop, uint8": (lambda: lit, by_index),
+        "LitData StreamingDataset + StreamingDataLoader, whole decode + the same crop, uint8": (
+            lambda: lit,
+            by_index,
+        ),
         "Ray-free streaming loader, uint8 crops (data.augment_on=device)": (
             lambda: uint8_stream,
             by_index,

@@ -9,6 +9,12 @@ deprecated its decoders in favour of TorchCodec (each call warns); the GPU machi
 TorchCodec, so we keep them until an upgrade removes them, then re-measure with
 bench/decode_speed.py.
 
+A training crop of a JPEG (`open_jpeg` + `decode_jpeg_region`) is decoded alone: nvImageCodec's
+CPU decoder (libjpeg-turbo) skips the IDCT of the rows above the crop, stops after its last
+row and decodes only the columns it spans, with the same pixels as a whole decode cropped
+(tests/unit/test_codec_region.py). Images it does not take (other formats, grayscale, CMYK)
+and machines without its wheel (not Linux) decode whole.
+
 Source images are checked by decoding the whole entropy-coded stream at 1/8 scale (JPEG's DCT
 scaling, Pillow's `draft`), several times cheaper than a full decode, so a corrupt file is
 refused while preparing rather than hours into training. Sizes are the stored image's, from its
@@ -17,7 +23,9 @@ header (EXIF orientation is not applied, as no reader applies it).
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,6 +116,61 @@ def decode_rgb(blob: bytes, what: str = "image") -> torch.Tensor:
     if image.dtype != torch.uint8:  # 16-bit PNG: rescale rather than clip to 8 bits
         image = F.to_dtype(image, torch.uint8, scale=True)
     return image
+
+
+@functools.cache
+def _region_decoder(pid: int):
+    """This process's nvImageCodec CPU decoder (one thread: the readers' parallelism is their
+    processes), or None where nvImageCodec is not installed. Keyed by pid: a DataLoader worker
+    forked from a process that decoded must not reuse its parent's decoder threads."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return None
+    return nvimgcodec.Decoder(
+        device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+        max_num_cpu_threads=1,
+        backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)],
+        options=":fancy_upsampling=1",  # libjpeg's default upsampling, as decode_rgb's
+    )
+
+
+def open_jpeg(blob: bytes):
+    """The parsed header of a 3-channel JPEG that `decode_jpeg_region` decodes, or None (another
+    format, grayscale or CMYK, a header that does not parse, no nvImageCodec): then decode the
+    whole image with `decode_rgb`. `.height` and `.width` are the stored image's."""
+    if _region_decoder(os.getpid()) is None:
+        return None
+    from nvidia import nvimgcodec
+
+    try:
+        stream = nvimgcodec.CodeStream(blob)
+        if stream.codec_name == "jpeg" and stream.num_channels == 3:
+            return stream
+    except RuntimeError:  # not an image header it can read; decode_rgb names the sample
+        pass
+    return None
+
+
+def decode_jpeg_region(
+    stream, blob: bytes, what: str, top: int, left: int, height: int, width: int
+) -> torch.Tensor:
+    """The uint8 (3, height, width) region of an `open_jpeg` stream at (top, left): the pixels
+    of `decode_rgb(blob)[:, top:top + height, left:left + width]`, decoding little else. Bytes
+    it cannot decode go to `decode_rgb`, which decodes them alike or names `what`."""
+    import torch
+    from nvidia import nvimgcodec
+
+    region = nvimgcodec.Region(top, left, top + height, left + width)
+    params = nvimgcodec.DecodeParams(
+        color_spec=nvimgcodec.ColorSpec.SRGB, apply_exif_orientation=False
+    )
+    decoded = _region_decoder(os.getpid()).decode(
+        stream.get_sub_code_stream(region=region), params=params
+    )
+    if decoded is None:
+        return decode_rgb(blob, what)[:, top : top + height, left : left + width]
+    return torch.from_numpy(np.asarray(decoded.cpu())).permute(2, 0, 1)
 
 
 def image_size(data: bytes) -> tuple[int, int]:

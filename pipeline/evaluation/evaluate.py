@@ -27,7 +27,7 @@ from pipeline.data import DataError
 from pipeline.data.integrity import verify_dataset
 from pipeline.data.manifest import Manifest, manifest_hash, read_manifest
 from pipeline.data.readers.stream_reader import ShardStream
-from pipeline.data.readers.transforms import evaluation_crop
+from pipeline.data.readers.transforms import DecodeGeometry
 from pipeline.data.shards import load_split
 from pipeline.evaluation.reports import EvaluationReport, per_class_rows
 from pipeline.evaluation.scoring import (
@@ -269,7 +269,7 @@ def _count_streamed(
         raise EvaluationError(f"model {model_label} records no image_size")
     # The registered model takes uint8 images at its image_size and normalises them
     # itself: stream the split through the evaluation resize + centre crop alone.
-    stream = ShardStream(manifest, split, evaluation_crop(image_size), train=False)
+    stream = ShardStream(manifest, split, DecodeGeometry(False, image_size), train=False)
     flats = [
         score_batch(classifier, x.permute(0, 2, 3, 1).numpy(), y.numpy(), manifest.num_classes)
         for x, y in DataLoader(stream, batch_size=batch_size)

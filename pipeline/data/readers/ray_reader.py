@@ -45,6 +45,8 @@ from pipeline.seeding import augmentation_seed, epoch_seed
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.data.readers.transforms import Decode
+
 COLUMNS = ["image", "label", "sample_id"]  # the id keys each image's augmentation seed
 # Rows per `map_batches` call of PNG (CIFAR) shards, decoded as one array.
 PNG_TASK_ROWS = 256
@@ -67,21 +69,16 @@ def _execution_index() -> int:
 
 
 def _decode_sources(
-    blobs: np.ndarray, sample_ids: np.ndarray, transform, seeds: list[int] | None
+    blobs: np.ndarray, sample_ids: np.ndarray, decode: Decode, seeds: list[int] | None
 ) -> torch.Tensor:
-    """Source images of any size, one by one: decoded, then `transform`ed (seeded per image
-    when `seeds` are given)."""
+    """Source images of any size, one by one, through `decode` (seeded per image when `seeds`
+    are given)."""
     import torch
 
-    from pipeline.data.codec import decode_rgb
-    from pipeline.data.readers.transforms import transform_seeded
-
-    out = []
-    for i, (blob, sample_id) in enumerate(zip(blobs, sample_ids, strict=True)):
-        image = decode_rgb(blob, f"sample {sample_id}")
-        out.append(
-            transform(image) if seeds is None else transform_seeded(transform, image, seeds[i])
-        )
+    out = [
+        decode(blob, f"sample {sample_id}", None if seeds is None else seeds[i])
+        for i, (blob, sample_id) in enumerate(zip(blobs, sample_ids, strict=True))
+    ]
     return torch.stack(out)
 
 
@@ -100,7 +97,12 @@ def decode_and_transform(
     transform is random per image: seeded per image and epoch from `seed` (pipeline.seeding),
     unseeded without."""
     from pipeline.data.codec import decode_images
-    from pipeline.data.readers.transforms import apply_to_batch, build_transform, imagenet_geometry
+    from pipeline.data.readers.transforms import (
+        Decode,
+        DecodeGeometry,
+        apply_to_batch,
+        build_transform,
+    )
 
     seeds = None
     if train and seed is not None:
@@ -110,12 +112,12 @@ def decode_and_transform(
         images = decode_images(list(batch["image"]), "shard rows")
         pixels = apply_to_batch(build_transform(augment, train=train), images, seeds)
     else:
-        transform = (
-            imagenet_geometry(train, image_size)
+        decode = (
+            DecodeGeometry(train, image_size)
             if uint8
-            else build_transform(augment, train=train, image_size=image_size)
+            else Decode(build_transform(augment, train=train, image_size=image_size))
         )
-        pixels = _decode_sources(batch["image"], batch["sample_id"], transform, seeds)
+        pixels = _decode_sources(batch["image"], batch["sample_id"], decode, seeds)
     out = {"image": pixels.numpy(), "label": batch["label"].astype(np.int64)}
     if with_ids:
         out["sample_id"] = batch["sample_id"]

@@ -47,14 +47,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError, IntegrityError
-from pipeline.data.codec import decode_rgb
 from pipeline.data.longtail import select_balanced
 from pipeline.data.manifest import TRAIN_ROW_ORDER, Manifest
 from pipeline.data.readers.transforms import (
+    Decode,
+    DecodeGeometry,
     build_transform,
-    imagenet_geometry,
     require_resizing_preset,
-    transform_seeded,
 )
 from pipeline.data.shards import read_shard
 from pipeline.seeding import augmentation_seed
@@ -113,8 +112,8 @@ def _shuffled(rows: Iterator[Row], size: int, rng: np.random.Generator) -> Itera
 
 
 class ShardStream(IterableDataset):
-    """(transformed image, label) of one split, streamed shard by shard (see the module doc);
-    with no `transform`, (encoded image, label, sample id).
+    """(image, label) of one split, streamed shard by shard (see the module doc), each image
+    through `decode` (`transforms.Decode`); with no `decode`, (encoded image, label, sample id).
 
     `seed` is the epoch seed (`pipeline.seeding.epoch_seed`); `set_seed` before each epoch.
     `keep_rows` (per shard, row indices) restricts an evaluation split (`balanced_rows`).
@@ -124,7 +123,7 @@ class ShardStream(IterableDataset):
         self,
         manifest: Manifest,
         split: str,
-        transform,
+        decode: Decode | None,
         *,
         train: bool,
         seed: int = 0,
@@ -134,7 +133,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.manifest = manifest
         self.shards = manifest.split_info(split).shards
-        self.transform = transform
+        self.decode = decode
         self.train = train
         self.seed = seed
         self.buffer_size = buffer_size
@@ -180,20 +179,20 @@ class ShardStream(IterableDataset):
         yield from _shuffled(rows, self.buffer_size, rng)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | tuple[bytes, int, str]]:
-        if self.transform is None:  # encoded: the training device decodes (device_decode)
+        if self.decode is None:  # encoded: the training device decodes (device_decode)
             for blob, label, sample_id, _ in self._rows():
                 yield blob, label, sample_id
             return
         # A loader worker's RNG is its own; in the main process, leave the caller's RNG intact.
         in_worker = get_worker_info() is not None
         for blob, label, sample_id, where in self._rows():
-            image = decode_rgb(blob, f"{sample_id} in {where}")
+            what = f"{sample_id} in {where}"
             if not self.train:
-                yield self.transform(image), label
+                yield self.decode(blob, what), label
                 continue
             seed = augmentation_seed(self.seed, sample_id)
             with nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
-                pixels = transform_seeded(self.transform, image, seed)
+                pixels = self.decode(blob, what, seed)
             yield pixels, label  # outside fork_rng: the consumer runs with its own RNG state
 
 
@@ -232,15 +231,15 @@ def make_stream_loader(
         )
     keep_rows = balanced_rows(manifest, split, per_class) if per_class is not None else None
     if encoded:
-        transform = None
+        decode = None
     elif cfg.augments_on_device:
-        transform = imagenet_geometry(train, cfg.image_size)
+        decode = DecodeGeometry(train, cfg.image_size)
     else:
-        transform = build_transform(cfg.augment, train=train, image_size=cfg.image_size)
+        decode = Decode(build_transform(cfg.augment, train=train, image_size=cfg.image_size))
     dataset = ShardStream(
         manifest,
         split,
-        transform,
+        decode,
         train=train,
         seed=seed,
         buffer_size=buffer_size,

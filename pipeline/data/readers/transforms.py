@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from pipeline.config import CIFAR_AUGMENTS
 from pipeline.data import DataError
+from pipeline.data.codec import decode_jpeg_region, decode_rgb, open_jpeg
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -115,6 +117,50 @@ def imagenet_geometry(train: bool, image_size: int) -> v2.Compose:
     if not train:
         return evaluation_crop(image_size)
     return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+class Decode:
+    """Encoded image -> `transform` of its uint8 CHW pixels: a reader's step per image. With a
+    `seed`, torch's default CPU generator is reseeded first (as `transform_seeded`), so the
+    image's random transform depends on the seed alone."""
+
+    def __init__(self, transform: v2.Compose) -> None:
+        self.transform = transform
+
+    def __call__(self, blob: bytes, what: str, seed: int | None = None) -> torch.Tensor:
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        return self.transform(decode_rgb(blob, what))
+
+
+class DecodeGeometry(Decode):
+    """`Decode` of `imagenet_geometry(train, image_size)`, uint8 (3, S, S) out: the readers' step
+    when the training device does the colour work and normalisation.
+
+    For training, RandomResizedCrop's parameters are drawn from the size in the JPEG's header,
+    before decoding, and only the crop's region is decoded (`codec.decode_jpeg_region`): the
+    same draws from torch's generator as the geometry transform makes, hence the same pixels.
+    Evaluation, and images the region decoder does not take, decode whole.
+    """
+
+    def __init__(self, train: bool, image_size: int) -> None:
+        super().__init__(imagenet_geometry(train, image_size))
+        self.train = train
+
+    def __call__(self, blob: bytes, what: str, seed: int | None = None) -> torch.Tensor:
+        stream = open_jpeg(blob) if self.train else None
+        if stream is None:
+            return super().__call__(blob, what, seed)
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        crop, flip = self.transform.transforms
+        # A tensor of the image's shape without its pixels: all that make_params reads.
+        shape_only = torch.zeros((), dtype=torch.uint8).expand(3, stream.height, stream.width)
+        box = crop.make_params([shape_only])
+        region = decode_jpeg_region(stream, blob, what, **box)
+        out = F.resize(region, crop.size, crop.interpolation, antialias=crop.antialias)
+        # RandomHorizontalFlip's own draw and test (v2's _RandomApplyTransform).
+        return F.horizontal_flip(out) if torch.rand(1) < flip.p else out
 
 
 def _imagenet_steps(kind: str, train: bool, image_size: int) -> list[nn.Module]:

@@ -1,0 +1,106 @@
+"""Decoding a training crop's region alone (pipeline.data.codec.open_jpeg / decode_jpeg_region)
+and the readers' step built on it (pipeline.data.readers.transforms.DecodeGeometry): the same
+pixels as a whole decode, cropped, and the same crops and flips as torchvision's
+RandomResizedCrop + RandomHorizontalFlip on the same seeds."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import SourceFormatError
+from pipeline.data.codec import decode_jpeg_region, decode_rgb, open_jpeg
+from pipeline.data.readers.transforms import DecodeGeometry, imagenet_geometry, transform_seeded
+
+# torchvision.io's decoders warn on every call that 0.29 deprecated them (pipeline.data.codec).
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+def _photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour gradients plus noise: chroma varies, so subsampled JPEGs upsample it."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
+    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+def _jpeg(pixels: np.ndarray, mode: str = "RGB", **options) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, format="JPEG", quality=90, **options)
+    return out.getvalue()
+
+
+# 4:2:0 (Pillow's default), 4:2:2, 4:4:4 chroma subsampling and a progressive JPEG: the region
+# decoder must get the chroma of the crop's first rows and columns right in each.
+JPEG_KINDS = {
+    "4:2:0": {},
+    "4:2:2": {"subsampling": 1},
+    "4:4:4": {"subsampling": 0},
+    "progressive": {"progressive": True},
+}
+
+
+@pytest.mark.parametrize("kind", JPEG_KINDS)
+def test_a_region_is_the_whole_decode_cropped(kind):
+    blob = _jpeg(_photo_like(301, 389), **JPEG_KINDS[kind])
+    stream = open_jpeg(blob)
+    assert stream is not None and (stream.height, stream.width) == (301, 389)
+    whole = decode_rgb(blob)
+    rng = np.random.default_rng(1)
+    boxes = [(0, 0, 301, 389), (0, 0, 1, 1), (300, 388, 1, 1), (17, 9, 128, 255)]
+    for _ in range(40):  # odd offsets and sizes, none aligned to the 8/16-pixel blocks
+        top, left = int(rng.integers(0, 300)), int(rng.integers(0, 388))
+        boxes.append((top, left, int(rng.integers(1, 302 - top)), int(rng.integers(1, 390 - left))))
+    for top, left, height, width in boxes:
+        region = decode_jpeg_region(stream, blob, "x", top, left, height, width)
+        assert region.dtype == torch.uint8 and region.shape == (3, height, width)
+        expected = whole[:, top : top + height, left : left + width]
+        assert torch.equal(region, expected), (top, left, height, width)
+
+
+def test_images_the_region_decoder_does_not_take_are_left_to_a_whole_decode():
+    pixels = _photo_like(40, 50)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    for blob in (_jpeg(pixels, "L"), _jpeg(pixels, "CMYK"), png.getvalue(), b"not an image"):
+        assert open_jpeg(blob) is None
+
+
+@pytest.mark.parametrize("kind", ["4:2:0", "progressive"])
+def test_the_training_step_crops_and_flips_as_torchvision_on_the_same_seed(kind):
+    """DecodeGeometry draws RandomResizedCrop's box from the header and decodes only that box:
+    on every seed, the pixels of torchvision's RandomResizedCrop(64) + flip of the whole image
+    (which also pins the draws: scale 0.08-1, ratio 3/4-4/3, the fallback, the flip)."""
+    blob = _jpeg(_photo_like(150, 113, seed=2), **JPEG_KINDS[kind])
+    assert open_jpeg(blob) is not None  # the region path, not the whole-decode fallback
+    step, geometry = DecodeGeometry(True, 64), imagenet_geometry(True, 64)
+    outs = []
+    for seed in range(60):
+        out = step(blob, "x", seed)
+        assert torch.equal(out, transform_seeded(geometry, decode_rgb(blob), seed)), seed
+        outs.append(out)
+    assert len({o.numpy().tobytes() for o in outs}) == len(outs)  # each seed its own crop
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_the_training_step_decodes_other_jpegs_whole_with_the_same_draws(mode):
+    blob = _jpeg(_photo_like(90, 70), mode)
+    step, geometry = DecodeGeometry(True, 32), imagenet_geometry(True, 32)
+    for seed in range(5):
+        assert torch.equal(
+            step(blob, "x", seed), transform_seeded(geometry, decode_rgb(blob), seed)
+        )
+
+
+def test_a_jpeg_cut_short_is_an_error_naming_the_sample_wherever_the_crop_falls():
+    """As with a whole decode: a crop inside the bytes that remain is refused too."""
+    blob = _jpeg(_photo_like(200, 160))
+    cut = blob[: len(blob) // 3]
+    assert open_jpeg(cut) is not None  # the header parses: the region path is taken
+    for seed in range(10):
+        with pytest.raises(SourceFormatError, match="train/c1/7.jpg"):
+            DecodeGeometry(True, 32)(cut, "train/c1/7.jpg", seed)
