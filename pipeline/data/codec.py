@@ -10,9 +10,8 @@ TorchCodec, so we keep them until an upgrade removes them, then re-measure with
 bench/decode_speed.py.
 
 A training crop of a JPEG (`open_jpeg` + `decode_jpeg_region`) is decoded alone: nvImageCodec's
-CPU decoder (libjpeg-turbo) skips the IDCT of the rows above the crop, stops after its last
-row and decodes only the columns it spans, with the same pixels as a whole decode cropped
-(tests/unit/test_codec_region.py). Images it does not take (other formats, grayscale, CMYK)
+CPU decoder (libjpeg-turbo's partial decoding) decodes little beyond the rows and columns the
+crop spans, with the same pixels as a whole decode cropped (tests/unit/test_codec_region.py). Images it does not take (other formats, grayscale, CMYK)
 and machines without its wheel (not Linux) decode whole.
 
 Source images are checked by decoding the whole entropy-coded stream at 1/8 scale (JPEG's DCT
