@@ -138,3 +138,56 @@ def test_source_datasets_need_an_image_size_and_a_resizing_preset(tmp_path):
         split_dataset(manifest, "train", augment="imagenet", train=True)
     with pytest.raises(DataError, match="data.augment='shike'"):
         split_dataset(manifest, "train", augment="shike", train=True, image_size=SIZE)
+
+
+def test_a_split_held_back_by_backpressure_leaves_the_cores_to_the_trainers(ray_cluster, tmp_path):
+    """Ray Train's workers read a split through Ray Data's SplitCoordinator actor, which runs
+    the executor: it reads ahead within its object store budget, then waits for the trainers.
+    Unpaced, its loop goes round without waiting while backpressure holds its tasks, spinning
+    on a core beside the trainers (`ray_reader._pace_the_scheduling_loop`). Here both consumers
+    pause after a batch: over 2 s the coordinator uses a fraction of a core, and the whole
+    split still arrives."""
+    import os
+    import threading
+    import time
+
+    import psutil
+    import ray
+    from ray.data import DataContext, ExecutionResources
+
+    from pipeline.data.readers.ray_reader import split_dataset
+
+    uri, _ = write_source_dataset(tmp_path, {"train": [24, 24]}, rows_per_shard=4)
+    # A budget of a few images: the executor reads a little ahead, then holds the rest back.
+    context = DataContext.get_current()
+    limits = context.execution_options.resource_limits
+    context.execution_options.resource_limits = ExecutionResources(object_store_memory=20_000)
+    try:
+        dataset = split_dataset(read_manifest(uri), "train", image_size=SIZE, augment="imagenet")
+    finally:
+        context.execution_options.resource_limits = limits
+    splits = dataset.streaming_split(2, equal=True)
+    paused, resume, rows = threading.Barrier(3), threading.Event(), [0, 0]
+
+    def consume(k: int) -> None:
+        for i, batch in enumerate(splits[k].iter_batches(batch_size=1, prefetch_batches=0)):
+            if i == 0:
+                paused.wait()
+                resume.wait()
+            rows[k] += len(batch["label"])
+
+    threads = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    paused.wait(timeout=60)
+    time.sleep(1.0)  # the read tasks it may run have run
+    pid = ray.get(splits[0]._coord_actor.__ray_call__.remote(lambda _: os.getpid()))
+    coordinator = psutil.Process(pid)
+    cpu_before, wall_before = sum(coordinator.cpu_times()[:2]), time.perf_counter()
+    time.sleep(2.0)
+    busy = (sum(coordinator.cpu_times()[:2]) - cpu_before) / (time.perf_counter() - wall_before)
+    resume.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert busy < 0.25, f"the coordinator kept {busy:.0%} of a core busy, held back"
+    assert sum(rows) == 48

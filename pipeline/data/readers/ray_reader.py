@@ -21,10 +21,16 @@ in Ray Data's tasks), not with this module: Ray Train's controller, its DatasetM
 Data's SplitCoordinator unpickle these datasets, so import this module, at every launch, and
 never decode; torch and torchvision would add seconds of CPU to each of those processes' start
 (bench/HISTORY.md).
+
+Importing this module also paces Ray Data's executor loop, which otherwise spins while
+backpressure holds its tasks (`_pace_the_scheduling_loop`); every process that runs an
+executor over these datasets imports it.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -57,6 +63,42 @@ SOURCE_TASK_ROWS = 64
 # Blocks a source read task may yield before the executor takes them (Ray Data's default: 2);
 # 8 blocks of 64 crops are 77 MB of uint8 (300 MB as float32) in the object store per task.
 SOURCE_GENERATOR_BUFFER = 8
+# The shortest round of Ray Data's executor loop (`_pace_the_scheduling_loop`): a read task
+# yields a block every tenth of a second or more, so the loop still takes each as it comes.
+EXECUTOR_STEP_S = 0.02
+
+
+def _pace_the_scheduling_loop() -> None:
+    """Give Ray Data's executor loop a floor of EXECUTOR_STEP_S per round.
+
+    Ray Data 2.60's scheduling loop waits in `ray.wait` (timeout 0.1 s) for its running tasks,
+    but a read task held back by backpressure (the split read ahead, the trainers busy with
+    their steps) has outputs ready that the executor may not take yet, so `ray.wait` returns at
+    once and the loop goes round again: the SplitCoordinator of a 2-worker job spun at half a
+    core for most of an epoch, taken from training (bench/HISTORY.md). A round that took less
+    than the floor sleeps the rest of it.
+    """
+    from ray.data._internal.execution import streaming_executor
+
+    executor = streaming_executor.StreamingExecutor
+    step = executor._scheduling_loop_step
+    if getattr(step, "paced", False):
+        return
+
+    @functools.wraps(step)
+    def paced_step(self, topology) -> bool:
+        start = time.perf_counter()
+        go_on = step(self, topology)
+        rest = EXECUTOR_STEP_S - (time.perf_counter() - start)
+        if go_on and rest > 0:
+            time.sleep(rest)
+        return go_on
+
+    paced_step.paced = True
+    executor._scheduling_loop_step = paced_step
+
+
+_pace_the_scheduling_loop()
 
 
 def _execution_index() -> int:
