@@ -154,13 +154,19 @@ class DecodeGeometry(Decode):
         if seed is not None:
             torch.default_generator.manual_seed(seed)
         crop, flip = self.transform.transforms
-        # A tensor of the image's shape without its pixels: all that make_params reads.
-        shape_only = torch.zeros((), dtype=torch.uint8).expand(3, stream.height, stream.width)
-        box = crop.make_params([shape_only])
-        region = decode_jpeg_region(stream, blob, what, **box)
+        region = decode_jpeg_region(
+            stream, blob, what, **self.crop_box(stream.height, stream.width)
+        )
         out = F.resize(region, crop.size, crop.interpolation, antialias=crop.antialias)
         # RandomHorizontalFlip's own draw and test (v2's _RandomApplyTransform).
         return F.horizontal_flip(out) if torch.rand(1) < flip.p else out
+
+    def crop_box(self, height: int, width: int) -> dict[str, int]:
+        """RandomResizedCrop's next box (top, left, height, width) for an image of that size,
+        drawn from torch's default generator by torchvision's own `make_params`."""
+        # A tensor of the image's shape without its pixels: all that make_params reads.
+        shape_only = torch.zeros((), dtype=torch.uint8).expand(3, height, width)
+        return self.transform.transforms[0].make_params([shape_only])
 
 
 def _imagenet_steps(kind: str, train: bool, image_size: int) -> list[nn.Module]:
