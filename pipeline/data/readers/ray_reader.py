@@ -60,8 +60,9 @@ PNG_TASK_ROWS = 256
 # made, so the first batch waits for 64 decodes, not a shard's; 64 crops at 224 px are 9.6 MB
 # (uint8) or 38 MB (float32), well under Ray Data's 128 MiB target block size.
 SOURCE_TASK_ROWS = 64
-# Blocks a source read task may yield before the executor takes them (Ray Data's default: 2);
-# 8 blocks of 64 crops are 77 MB of uint8 (300 MB as float32) in the object store per task.
+# Blocks a source read task may yield before the executor takes them: at Ray Data's default
+# of 2 a task waited for the executor a fifth of the time; 8 blocks of 64 crops are 77 MB of
+# uint8 (300 MB as float32) in the object store per task.
 SOURCE_GENERATOR_BUFFER = 8
 # The shortest round of Ray Data's executor loop (`_pace_the_scheduling_loop`): a read task
 # yields a block every tenth of a second or more, so the loop still takes each as it comes.
@@ -330,9 +331,7 @@ def split_dataset(
         # by default Ray Data splits the CPUs and object store memory into operators' reserved
         # shares and a shared pool and holds a new task back while a share is used up; with
         # one operator the split only left the cores idle between tasks (a quarter of a pass
-        # on 2 CPUs, half that without it: bench/HISTORY.md). A task may run ahead of the
-        # executor by SOURCE_GENERATOR_BUFFER blocks: at Ray Data's default of 2 a task waited
-        # for the executor to take its blocks a fifth of the time.
+        # on 2 CPUs, half that without it: bench/HISTORY.md).
         if encoded:  # the encoded bytes of `rows` images: the split's average size
             info = manifest.split_info(split).shards
             yielded = (
