@@ -228,7 +228,7 @@ def large_row(args) -> None:
     }
     ray_dir = ray_temp_dir("rl")
     # Reading every process's PSS walks its page tables (Ray's workers map the object store):
-    # each second it took 8% of a core from the job measured; every 5 s, a fifth of that.
+    # sampled each second it took 8% of a core from the job measured (bench/HISTORY.md).
     memory = PeakMemory(ray_dir, period=5.0)
     with ray_head(ray_dir, num_cpus=4) as (_, dashboard, env), memory:
         client, run_id, startup = submit_train(

@@ -130,6 +130,9 @@ class Decode:
     def __call__(self, blob: bytes, what: str, seed: int | None = None) -> torch.Tensor:
         if seed is not None:
             torch.default_generator.manual_seed(seed)
+        return self._decode(blob, what)
+
+    def _decode(self, blob: bytes, what: str) -> torch.Tensor:
         return self.transform(decode_rgb(blob, what))
 
 
@@ -147,12 +150,10 @@ class DecodeGeometry(Decode):
         super().__init__(imagenet_geometry(train, image_size))
         self.train = train
 
-    def __call__(self, blob: bytes, what: str, seed: int | None = None) -> torch.Tensor:
+    def _decode(self, blob: bytes, what: str) -> torch.Tensor:
         stream = open_jpeg(blob) if self.train else None
         if stream is None:
-            return super().__call__(blob, what, seed)
-        if seed is not None:
-            torch.default_generator.manual_seed(seed)
+            return super()._decode(blob, what)
         crop, flip = self.transform.transforms
         region = decode_jpeg_region(
             stream, blob, what, **self.crop_box(stream.height, stream.width)
