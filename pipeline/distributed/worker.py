@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from pipeline.config import Config
 from pipeline.data.readers.batch_augment import BatchAugment, FinishedBatches, augmented_batches
 from pipeline.data.readers.device_decode import decoded_batches
-from pipeline.data.readers.ray_reader import quiet_progress
+from pipeline.data.readers.ray_reader import as_nchw, quiet_progress
 from pipeline.distributed.capacity import cluster_summary, guard_stalls, wait_for_capacity
 from pipeline.evaluation.metrics import SCALAR_RESULTS
 from pipeline.seeding import epoch_seed
@@ -98,7 +98,7 @@ def _reduce_train_stats(
 
 def _torch_batches(iterator, batch_size: int, **kwargs):
     for batch in iterator.iter_torch_batches(batch_size=batch_size, **kwargs):
-        yield batch["image"], batch["label"]
+        yield as_nchw(batch["image"]), batch["label"]
 
 
 def encoded_batches(iterator, batch_size: int, **kwargs):

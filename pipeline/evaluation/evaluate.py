@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from pipeline.data import DataError
 from pipeline.data.integrity import verify_dataset
 from pipeline.data.manifest import Manifest, manifest_hash, read_manifest
-from pipeline.data.readers.stream_reader import ShardStream
+from pipeline.data.readers.stream_reader import ShardStream, collate_crops
 from pipeline.data.readers.transforms import DecodeGeometry
 from pipeline.data.shards import load_split
 from pipeline.evaluation.reports import EvaluationReport, per_class_rows
@@ -272,7 +272,7 @@ def _count_streamed(
     stream = ShardStream(manifest, split, DecodeGeometry(False, image_size), train=False)
     flats = [
         score_batch(classifier, x.permute(0, 2, 3, 1).numpy(), y.numpy(), manifest.num_classes)
-        for x, y in DataLoader(stream, batch_size=batch_size)
+        for x, y in DataLoader(stream, batch_size=batch_size, collate_fn=collate_crops)
     ]
     return sum_batch_counts(flats, manifest.num_classes)
 

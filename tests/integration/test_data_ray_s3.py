@@ -183,7 +183,7 @@ def test_training_augmentation_is_a_function_of_seed_epoch_and_image(ray_cluster
 
 def test_uint8_training_split_is_the_decoded_images_unaugmented(ray_cluster, tmp_path):
     """For workers that augment on their own device (data.augment_on=device), the training
-    split arrives as the stored images, decoded to uint8 NCHW, each once, untouched."""
+    split arrives as the stored images, decoded to uint8 (H, W, 3), each once, untouched."""
     from pipeline.data.manifest import read_manifest
     from pipeline.data.prepare.from_raw import prepare_dataset
     from pipeline.data.readers.ray_reader import split_dataset
@@ -195,11 +195,11 @@ def test_uint8_training_split_is_the_decoded_images_unaugmented(ray_cluster, tmp
     manifest = read_manifest(uri)
     rows = list(split_dataset(manifest, "train", train=True, seed=0, uint8=True).iter_rows())
     assert {(r["image"].dtype, r["image"].shape) for r in rows} == {
-        (np.dtype(np.uint8), (3, 32, 32))
+        (np.dtype(np.uint8), (32, 32, 3))
     }
     stored = load_split(manifest, "train")
     expected = sorted(
-        (int(label), image.transpose(2, 0, 1).tobytes())
+        (int(label), image.tobytes())
         for image, label in zip(stored.images, stored.labels, strict=True)
     )
     assert sorted((int(r["label"]), r["image"].tobytes()) for r in rows) == expected

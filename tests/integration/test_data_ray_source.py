@@ -85,7 +85,7 @@ def test_ray_data_augments_each_image_as_the_ray_free_reader_does(
     pixels (uint8 crops for the device, or the whole preset as floats), batches and task
     boundaries notwithstanding; also when Ray Data ships the encoded images and the training
     device crops them (`data.decode_on`, here on the CPU)."""
-    from pipeline.data.readers.ray_reader import split_dataset
+    from pipeline.data.readers.ray_reader import as_nchw, split_dataset
 
     uri, _ = write_source_dataset(tmp_path, {"train": [1] * 16}, rows_per_shard=3)
     manifest = read_manifest(uri)
@@ -108,8 +108,7 @@ def test_ray_data_augments_each_image_as_the_ray_free_reader_does(
         batches = decoded_batches(encoded_batches(dataset, 5), epoch_seed(3, 0), SIZE, cpu)
     else:
         batches = (
-            (torch.from_numpy(b["image"]), b["label"])
-            for b in dataset.iter_batches(batch_format="numpy")
+            (as_nchw(b["image"]), b["label"]) for b in dataset.iter_torch_batches(batch_size=5)
         )
     ray_pixels = {
         int(label): image

@@ -217,3 +217,16 @@ def test_on_cuda_it_equals_the_cpu_path():
     one_level = 1 / 255 / min(CIFAR_STD) + 1e-6
     close = (gpu - cpu).abs() <= one_level
     assert close.float().mean() >= 0.999, f"{100 * (1 - close.float().mean()):.3f}% differ"
+
+
+@pytest.mark.parametrize("kind", ["shike", "imagenet", "imagenet_jitter", "randaugment"])
+def test_batches_in_channels_last_memory_augment_as_planar_ones(kind):
+    """The readers hand uint8 crops over in channels-last memory (`collate_crops`, `as_nchw`):
+    augmented, they equal the same batch held planar, and leave planar NCHW for the model."""
+    augment = BatchAugment(kind)
+    planar = _images(16)
+    channels_last = planar.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    draws = augment.draw(16, torch.Generator().manual_seed(0), SIZE)
+    out = augment(channels_last, draws)
+    assert out.is_contiguous()
+    assert torch.equal(out, augment(planar, draws))

@@ -114,6 +114,9 @@ def test_training_batches_are_fixed_size_crops_covering_the_split_once(
     manifest, _ = longtailed
     batches = _epoch(manifest, batch=4, augment_on=augment_on)
     assert all(x.shape[1:] == (3, SIZE, SIZE) and x.dtype == dtype for x, _ in batches)
+    # uint8 crops in channels-last memory, each image's pixels interleaved as decoded
+    channels_last = dtype == torch.uint8
+    assert all(x.permute(0, 2, 3, 1).is_contiguous() == channels_last for x, _ in batches)
     assert all(y.dtype == torch.int64 for _, y in batches)
     assert [len(y) for _, y in batches] == [4] * 6 + [1]
     labels = Counter(int(v) for _, y in batches for v in y)

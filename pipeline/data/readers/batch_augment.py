@@ -472,6 +472,9 @@ class BatchAugment:
         """`images`: uint8 (N, 3, H, W). `draws` (from `draw`) for a random preset; None
         means evaluation (to float and normalise only)."""
         self._check(images, draws)
+        # The readers batch crops in channels-last memory (stream_reader.collate_crops); the
+        # ops below, and the model, take planar NCHW, a cheap copy on the device.
+        images = images.contiguous()
         if isinstance(draws, Draws) and self.kind != "none":
             images = random_crop(images, draws.crop_top, draws.crop_left)
             images = horizontal_flip(images, draws.flip)

@@ -12,8 +12,9 @@ buffer in the consumer. Two kinds of dataset:
   brought to `image_size` by an ImageNet-style preset, so Ray Train workers get fixed-size
   batches either way.
 For a training step that finishes the augmentation on its own device (`data.augment_on`), the
-batches are uint8: PNG images as decoded, source images cropped and flipped (evaluation splits:
-the evaluation crop); otherwise normalised float.
+batches are uint8, (H, W, 3) as decoded (`as_nchw` gives the NCHW view): PNG images as stored,
+source images cropped and flipped (evaluation splits: the evaluation crop); otherwise
+normalised float (3, H, W).
 Ray is imported here and in distributed/ only.
 
 Torch, torchvision and the transforms are imported inside the functions that decode (they run
@@ -115,17 +116,32 @@ def _execution_index() -> int:
 
 
 def _decode_sources(
-    blobs: np.ndarray, sample_ids: np.ndarray, decode: Decode, seeds: list[int] | None
+    blobs: np.ndarray,
+    sample_ids: np.ndarray,
+    decode: Decode,
+    seeds: list[int] | None,
+    channels_last: bool,
 ) -> torch.Tensor:
     """Source images of any size, one by one, through `decode` (seeded per image when `seeds`
-    are given)."""
+    are given), stacked (N, 3, H, W), or (N, H, W, 3) with `channels_last`: uint8 crops are
+    decoded with their pixels interleaved, and stacking them so is a copy where planar NCHW
+    would transpose each image."""
     import torch
 
     out = [
         decode(blob, f"sample {sample_id}", None if seeds is None else seeds[i])
         for i, (blob, sample_id) in enumerate(zip(blobs, sample_ids, strict=True))
     ]
-    return torch.stack(out)
+    return torch.stack([image.permute(1, 2, 0) for image in out] if channels_last else out)
+
+
+def as_nchw(images: torch.Tensor) -> torch.Tensor:
+    """A torch batch's "image" column as (N, 3, H, W). uint8 images travel as decoded,
+    (N, H, W, 3), and become an NCHW view in channels-last memory, as the streaming loader's
+    (`stream_reader.collate_crops`); float images are NCHW already."""
+    import torch
+
+    return images.permute(0, 3, 1, 2) if images.dtype == torch.uint8 else images
 
 
 def decode_and_transform(
@@ -139,7 +155,7 @@ def decode_and_transform(
 ) -> dict[str, np.ndarray]:
     """Encoded images -> a NCHW batch: PNGs of one size as stored (image_size None), source
     images of any size at `image_size`. Normalised float, or with `uint8` (source images) the
-    preset's geometry alone, as uint8, for a training device that does the rest. The train
+    preset's geometry alone, as uint8 (N, H, W, 3), for a training device that does the rest. The train
     transform is random per image: seeded per image and epoch from `seed` (pipeline.seeding),
     unseeded without."""
     from pipeline.data.codec import decode_images
@@ -163,7 +179,7 @@ def decode_and_transform(
             if uint8
             else Decode(build_transform(augment, train=train, image_size=image_size))
         )
-        pixels = _decode_sources(batch["image"], batch["sample_id"], decode, seeds)
+        pixels = _decode_sources(batch["image"], batch["sample_id"], decode, seeds, uint8)
     out = {"image": pixels.numpy(), "label": batch["label"].astype(np.int64)}
     if with_ids:
         out["sample_id"] = batch["sample_id"]
@@ -171,15 +187,12 @@ def decode_and_transform(
 
 
 def decode_only(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Encoded PNGs -> uint8 NCHW batch, for a training step that augments on its own device
-    (`data.augment_on`, pipeline.data.readers.batch_augment)."""
+    """Encoded PNGs -> uint8 (N, H, W, 3) batch as decoded (`as_nchw`), for a training step
+    that augments on its own device (`data.augment_on`, pipeline.data.readers.batch_augment)."""
     from pipeline.data.codec import decode_images
 
     images = decode_images(list(batch["image"]), "shard rows")
-    return {
-        "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
-        "label": batch["label"].astype(np.int64),
-    }
+    return {"image": images, "label": batch["label"].astype(np.int64)}
 
 
 class SourceShardsDatasource(Datasource):
@@ -301,9 +314,10 @@ def split_dataset(
     "sample_id"}, for a training device that decodes them (`device_decode`).
     `batch_size`: rows per decode call of PNG shards, per output block of a source read task
     (None: PNG_TASK_ROWS / SOURCE_TASK_ROWS).
-    `uint8`: uint8 images for a consumer that finishes the augmentation on its own device
-    (pipeline.data.readers.batch_augment): PNG images as decoded, source images with the
-    preset's geometry (crop + flip, or the evaluation crop) at `image_size`.
+    `uint8`: uint8 images (H, W, 3), as decoded, for a consumer that finishes the augmentation
+    on its own device (pipeline.data.readers.batch_augment; `as_nchw` makes a batch NCHW): PNG
+    images as stored, source images with the preset's geometry (crop + flip, or the evaluation
+    crop) at `image_size`.
 
     Training splits reshuffle the shard order on every execution (each epoch) and augment each
     image from `seed` (None: unseeded). With the output order pinned (`preserve_order`), an

@@ -1,7 +1,8 @@
 """The Ray-free streaming reader: a manifest split's shards of source images (varying sizes,
 `image.encoding` "source") -> batches of (NCHW images at image_size, int64 labels), never the
-whole split in memory: uint8 crops for a training device that finishes the augmentation
-(`data.augment_on`, the default), else normalised float. Imports neither Ray nor MLflow.
+whole split in memory: uint8 crops (in channels-last memory, `collate_crops`) for a training
+device that finishes the augmentation (`data.augment_on`, the default), else normalised
+float. Imports neither Ray nor MLflow.
 
     loader = make_stream_loader(manifest, "train", cfg.data, batch_size=256, train=True)
     for epoch in ...:
@@ -43,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError, IntegrityError
@@ -196,6 +197,15 @@ class ShardStream(IterableDataset):
             yield pixels, label  # outside fork_rng: the consumer runs with its own RNG state
 
 
+def collate_crops(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of uint8 crops (`DecodeGeometry`) as (N, 3, H, W) images in channels-last
+    memory, and int64 labels. The decoder writes each image's pixels interleaved (H, W, 3), and
+    batching them so is a copy; planar NCHW memory would take a transposition of every image
+    here. The training device makes the batch contiguous (`batch_augment.BatchAugment`)."""
+    images, labels = default_collate([(image.permute(1, 2, 0), label) for image, label in samples])
+    return images.permute(0, 3, 1, 2), labels
+
+
 def make_stream_loader(
     manifest: Manifest,
     split: str,
@@ -209,8 +219,8 @@ def make_stream_loader(
     encoded: bool = False,
 ) -> DataLoader:
     """A DataLoader of (NCHW image_size x image_size, int64 labels) over one split of a
-    "source" dataset, decoded and cropped in `cfg.loader_workers` workers: uint8 when the
-    training device finishes the augmentation (`cfg.augments_on_device`: the preset's colour
+    "source" dataset, decoded and cropped in `cfg.loader_workers` workers: uint8
+    (`collate_crops`) when the training device finishes the augmentation (`cfg.augments_on_device`: the preset's colour
     ops and normalisation, pipeline.data.readers.batch_augment), else the whole preset here,
     normalised float. `encoded`: (encoded images, int64 labels, sample ids) batches of the
     rows as stored, for a training device that decodes them (`device_decode`).
@@ -248,6 +258,7 @@ def make_stream_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        collate_fn=collate_crops if isinstance(decode, DecodeGeometry) else None,
         num_workers=cfg.loader_workers,
         pin_memory=pin_memory,
         # Workers' base seeds come from here, not from the caller's global RNG (they are
