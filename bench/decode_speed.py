@@ -15,8 +15,8 @@ one pass each; each figure is the median over passes of the mid-pass rate (`time
 core, with the machine's CPU utilisation over the same window, and the ratio to ImageFolder is
 the median over rounds of the ratio within a round (the machine's speed drifts between rounds);
 the first batch's wait is shown on its own. The one-thread tables time the first
-`ONE_THREAD_IMAGES` images. Ray Data's
-up-front shard verification happens when the dataset is built and is not timed.
+`ONE_THREAD_IMAGES` images. Ray Data's up-front shard verification happens when the dataset is
+built and is not timed.
 """
 
 from __future__ import annotations

@@ -155,9 +155,9 @@ def decode_and_transform(
 ) -> dict[str, np.ndarray]:
     """Encoded images -> a NCHW batch: PNGs of one size as stored (image_size None), source
     images of any size at `image_size`. Normalised float, or with `uint8` (source images) the
-    preset's geometry alone, as uint8 (N, H, W, 3), for a training device that does the rest. The train
-    transform is random per image: seeded per image and epoch from `seed` (pipeline.seeding),
-    unseeded without."""
+    preset's geometry alone, as uint8 (N, H, W, 3), for a training device that does the rest.
+    The train transform is random per image: seeded per image and epoch from `seed`
+    (pipeline.seeding), unseeded without."""
     from pipeline.data.codec import decode_images
     from pipeline.data.readers.transforms import (
         Decode,

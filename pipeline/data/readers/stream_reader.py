@@ -220,10 +220,11 @@ def make_stream_loader(
 ) -> DataLoader:
     """A DataLoader of (NCHW image_size x image_size, int64 labels) over one split of a
     "source" dataset, decoded and cropped in `cfg.loader_workers` workers: uint8
-    (`collate_crops`) when the training device finishes the augmentation (`cfg.augments_on_device`: the preset's colour
-    ops and normalisation, pipeline.data.readers.batch_augment), else the whole preset here,
-    normalised float. `encoded`: (encoded images, int64 labels, sample ids) batches of the
-    rows as stored, for a training device that decodes them (`device_decode`).
+    (`collate_crops`) when the training device finishes the augmentation
+    (`cfg.augments_on_device`: the preset's colour ops and normalisation,
+    pipeline.data.readers.batch_augment), else the whole preset here, normalised float.
+    `encoded`: (encoded images, int64 labels, sample ids) batches of the rows as stored, for a
+    training device that decodes them (`device_decode`).
 
     For training, `seed` is the epoch seed; one loader serves a whole run when
     `loader.dataset.set_seed(epoch_seed(run seed, epoch))` is called before each epoch. Its
