@@ -23,14 +23,9 @@ from bench.record import record
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--head-images", type=int, default=250)
-    ap.add_argument("--concurrency", type=int, default=2)
-    ap.add_argument("--no-record", action="store_true")
-    args = ap.parse_args()
-
+def run_sweeps(args: argparse.Namespace) -> tuple[int, dict]:
+    """The grid swept three ways: (training images, {(scheduler, workers per trial): (the
+    sweep's summary, its wall seconds)})."""
     import ray
 
     from pipeline.config import build_config, load_config
@@ -76,34 +71,38 @@ def main() -> None:
         summary = run_sweep(spec, trial_base, register=False)
         outcomes[kind, workers] = (summary, time.perf_counter() - start)
     ray.shutdown()
+    return sum(manifest.class_counts), outcomes
 
-    def params(row):
-        return f"dkt {row['loss.dkt_weight']}, peak lr {row['optim.peak_lr']}"
 
+def _params(trial: dict) -> str:
+    return f"dkt {trial['loss.dkt_weight']}, peak lr {trial['optim.peak_lr']}"
+
+
+def _sweep_row(label: str, summary: dict, seconds: float) -> str:
+    run, grid = summary["trial_epochs_run"], summary["trial_epochs_full"]
+    return (
+        f"| {label} | {run} | {grid} ({run / grid:.2f}) | {seconds:.0f} | "
+        f"{_params(summary['best'])} | {summary['best']['val/score']:.3f} |"
+    )
+
+
+def report(args: argparse.Namespace, train_images: int, outcomes: dict) -> str:
     asha, asha_s = outcomes["asha", 1]
     train, train_s = outcomes["asha", 2]
     full, full_s = outcomes["none", 1]
     ratio = asha["trial_epochs_run"] / asha["trial_epochs_full"]
-    same = params(asha["best"]) == params(full["best"])
-
-    def row(label: str, summary: dict, seconds: float) -> str:
-        run, grid = summary["trial_epochs_run"], summary["trial_epochs_full"]
-        return (
-            f"| {label} | {run} | {grid} ({run / grid:.2f}) | {seconds:.0f} | "
-            f"{params(summary['best'])} | {summary['best']['val/score']:.3f} |"
-        )
-
+    same = _params(asha["best"]) == _params(full["best"])
     lines = [
         f"8-trial grid (loss.dkt_weight x optim.peak_lr), {args.epochs} epochs each (stage 2 in "
         f"the last), CIFAR-10-LT IF100 with {args.head_images} head images "
-        f"({sum(manifest.class_counts)} train images), ASHA grace 1 epoch, reduction 2, "
+        f"({train_images} train images), ASHA grace 1 epoch, reduction 2, "
         f"{args.concurrency} trials at a time, 1 CPU per trial",
         "",
         "| sweep | trial-epochs run | of a full grid | wall time (s) | best configuration | its val/score |",
         "|---|---|---|---|---|---|",
-        row("ASHA, one-device trials", asha, asha_s),
-        row("ASHA, Ray Train trials (2 x 0.5 CPU)", train, train_s),
-        row("no early stopping, one-device trials", full, full_s),
+        _sweep_row("ASHA, one-device trials", asha, asha_s),
+        _sweep_row("ASHA, Ray Train trials (2 x 0.5 CPU)", train, train_s),
+        _sweep_row("no early stopping, one-device trials", full, full_s),
         "",
         f"Wall time of the ASHA sweep, Ray Train trials / one-device trials: "
         f"{train_s / asha_s:.1f}x. ASHA ran {ratio:.2f} of the full grid's trial-epochs; same "
@@ -112,14 +111,25 @@ def main() -> None:
         "| configuration | ASHA: epochs run | ASHA: last val/score | no early stopping: val/score |",
         "|---|---|---|---|",
     ]
-    full_by_config = {params(r): r for r in full["trials"]}
-    for row in sorted(asha["trials"], key=params):
-        other = full_by_config[params(row)]
+    full_by_config = {_params(t): t for t in full["trials"]}
+    for trial in sorted(asha["trials"], key=_params):
+        other = full_by_config[_params(trial)]
         lines.append(
-            f"| {params(row)} | {row['epochs_run']} | {row['val/score']:.3f} | "
+            f"| {_params(trial)} | {trial['epochs_run']} | {trial['val/score']:.3f} | "
             f"{other['val/score']:.3f} |"
         )
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--head-images", type=int, default=250)
+    ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+    train_images, outcomes = run_sweeps(args)
+    table = report(args, train_images, outcomes)
     record("asha", "ASHA: compute saved on an 8-trial sweep", table, print_only=args.no_record)
 
 
