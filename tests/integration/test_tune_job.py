@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -244,6 +246,22 @@ def _finished_children(uri: str) -> list:
     ]
 
 
+def _a_child_finished(db: Path) -> bool:
+    """Whether a trial's run has closed as FINISHED, read from the SQLite file with plain sqlite3
+    while the sweep's driver may still be creating MLflow's tables there: an MlflowClient would
+    run MLflow's schema migration on the same file at the same time, and a driver's migration
+    failed so ("table _alembic_tmp_experiments already exists")."""
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
+                "WHERE tags.key = 'mlflow.parentRunId' AND runs.status = 'FINISHED'"
+            ).fetchone()
+    except sqlite3.OperationalError:  # no file or tables yet, or a writer holds the lock
+        return False
+    return count > 0
+
+
 def _sweep_overrides(name: str, dataset: str, tmp_path: Path) -> list[str]:
     """The cheap settings of these tests' one-epoch sweeps."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -286,7 +304,7 @@ def test_stopped_sweep_resumes_when_relaunched(ray_cluster, learnable_dataset, t
     cmd = _sweep_command(sweep, "sweep-resume", learnable_dataset, tmp_path)
     first = start_driver(cmd, ROOT, ray_cluster.env)
     deadline = time.monotonic() + 300
-    while not _finished_children(uri):
+    while not _a_child_finished(tmp_path / "mlflow.db"):
         assert first.poll() is None, first.communicate()[0][-3000:]
         assert time.monotonic() < deadline, "no trial finished in 300 s"
         time.sleep(1)
