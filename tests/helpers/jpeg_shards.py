@@ -32,6 +32,7 @@ from pipeline.data.manifest import (
     SplitInfo,
     shard_schema,
 )
+from pipeline.data.prepare.publish import parquet_options
 
 
 def source_image(
@@ -61,7 +62,9 @@ def source_image(
 
 def _write_shard(root: Path, split: str, index: int, table: pa.Table) -> ShardInfo:
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    # The settings jobs.prepare_data writes shards with (no dictionary of the image bytes):
+    # the readers and bench.decode_speed then parse what they parse in production.
+    pq.write_table(table, buffer, **parquet_options(table.schema))
     data = buffer.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     path = f"{split}/part-{index:05d}-{sha[:16]}.parquet"

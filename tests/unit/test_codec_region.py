@@ -141,3 +141,19 @@ def test_the_crop_boxes_follow_torchvisions_random_resized_crop(height, width):
         assert _ks_distance(a, b) < critical, name
     area = features(ours)[0]
     assert area.min() >= 0.07 and area.max() <= 1.0
+
+
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (40, 400), (400, 40), (7, 9)])
+def test_each_crop_box_is_the_one_torchvision_draws_on_the_same_seed(height, width):
+    """DecodeGeometry draws its boxes itself (cheaper than building make_params' input): box
+    for box on 300 seeds, the box of torchvision's RandomResizedCrop(224), including the
+    central fallback of a strip, and the generator left where torchvision leaves it."""
+    step = DecodeGeometry(True, 224)
+    reference = v2.RandomResizedCrop(224, antialias=True)
+    image = torch.zeros((), dtype=torch.uint8).expand(3, height, width)
+    for seed in range(300):
+        torch.manual_seed(seed)
+        ours, after = step.crop_box(height, width), torch.rand(1)
+        torch.manual_seed(seed)
+        assert ours == reference.make_params([image]), seed
+        assert torch.equal(after, torch.rand(1)), seed

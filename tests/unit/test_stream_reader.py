@@ -227,6 +227,36 @@ def test_shards_are_read_as_the_stream_reaches_them(tmp_path):
         list(batches)
 
 
+def test_a_loader_hashes_each_shard_once_and_checks_its_size_every_epoch(tmp_path):
+    """The sha256 of a shard is checked the first time the loader's workers read it, as the Ray
+    Data path verifies a split once per run: a later rewrite of the same size reaches the next
+    epoch (its workers are new processes: they learn the shard was hashed), a new loader refuses
+    it, and one of another size fails the next epoch."""
+    uri, encoded = write_source_dataset(tmp_path, UNIQUE, rows_per_shard=5)
+    manifest = read_manifest(uri)
+    loader = make_stream_loader(manifest, "train", _data_cfg(workers=2), 4, True, encoded=True)
+    assert sorted(b for batch in loader for b in batch[0]) == sorted(encoded["train"])
+    blob = encoded["train"][0]
+    victim = next(
+        Path(uri) / s.path
+        for s in manifest.splits["train"].shards
+        if blob[-200:] in (Path(uri) / s.path).read_bytes()
+    )
+    data = bytearray(victim.read_bytes())
+    at = data.find(blob[-200:]) + 50
+    data[at] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    altered = bytearray(blob)
+    altered[len(blob) - 150] ^= 0xFF
+    loader.dataset.set_seed(1)
+    assert bytes(altered) in [b for batch in loader for b in batch[0]]
+    with pytest.raises(IntegrityError, match="altered or corrupt"):
+        list(make_stream_loader(manifest, "train", _data_cfg(workers=2), 4, True, encoded=True))
+    victim.write_bytes(bytes(data) + b"\0")
+    with pytest.raises(IntegrityError, match=f"{victim.name} is .* bytes but the manifest says"):
+        list(loader)
+
+
 def test_a_cifar_preset_or_class_ordered_rows_are_refused(tmp_path, longtailed):
     manifest, _ = longtailed
     with pytest.raises(DataError, match="data.augment='shike'.*varying size"):

@@ -13,8 +13,9 @@ One epoch of a training split:
 1. the shards are put in an order drawn from the epoch seed; with W loader workers, worker k
    takes shards k, k+W, k+2W, ... of that order (W = 0 reads in the main process, as one
    worker);
-2. a worker reads one shard at a time and checks it against the manifest (size, sha256,
-   schema, rows: an IntegrityError naming the file) before using any of its rows;
+2. a worker reads one shard at a time and checks it against the manifest (size, schema, rows,
+   and its sha256 the first time the loader reads it: an IntegrityError naming the file)
+   before using any of its rows;
 3. it walks the shard's rows in a seeded random order through a shuffle buffer of
    `buffer_size` encoded rows that mixes neighbouring shards;
 4. it decodes each image (pipeline.data.codec) and applies the train transform (the uint8
@@ -139,6 +140,10 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.buffer_size = buffer_size
         self.keep_rows = keep_rows
+        # Which shards a worker has hashed, in memory every epoch's workers share: each shard's
+        # bytes are hashed once per loader (a run), as the Ray Data path verifies a split once
+        # before its run, not every epoch.
+        self._hashed = torch.zeros(len(self.shards), dtype=torch.bool).share_memory_()
 
     @property
     def num_rows(self) -> int:
@@ -153,7 +158,8 @@ class ShardStream(IterableDataset):
 
     def _shard_rows(self, index: int, rng: np.random.Generator | None) -> Iterator[Row]:
         shard = self.shards[index]
-        table = read_shard(self.manifest, shard)  # verified: size, sha256, schema, rows
+        table = read_shard(self.manifest, shard, hashed=bool(self._hashed[index]))
+        self._hashed[index] = True
         where = display(self.manifest.filesystem, join(self.manifest.root, shard.path))
         labels = table.column("label").to_numpy()
         if labels.size and (labels.min() < 0 or labels.max() >= self.manifest.num_classes):

@@ -20,6 +20,7 @@ Inputs are uint8 CHW tensors (or HWC numpy arrays via `to_chw_tensor`); outputs 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -149,6 +150,12 @@ class DecodeGeometry(Decode):
     def __init__(self, train: bool, image_size: int) -> None:
         super().__init__(imagenet_geometry(train, image_size))
         self.train = train
+        if train:
+            crop = self.transform.transforms[0]
+            self._scale = crop.scale
+            # float32, as torchvision keeps them: the bounds of its aspect-ratio draw
+            self._log_ratio = [float(r) for r in torch.log(torch.tensor(crop.ratio))]
+            self._draw = torch.empty(1)
 
     def _decode(self, blob: bytes, what: str) -> torch.Tensor:
         stream = open_jpeg(blob) if self.train else None
@@ -163,11 +170,28 @@ class DecodeGeometry(Decode):
         return F.horizontal_flip(out) if torch.rand(1) < flip.p else out
 
     def crop_box(self, height: int, width: int) -> dict[str, int]:
-        """RandomResizedCrop's next box (top, left, height, width) for an image of that size,
-        drawn from torch's default generator by torchvision's own `make_params`."""
-        # A tensor of the image's shape without its pixels: all that make_params reads.
-        shape_only = torch.zeros((), dtype=torch.uint8).expand(3, height, width)
-        return self.transform.transforms[0].make_params([shape_only])
+        """RandomResizedCrop's next box (top, left, height, width) for an image of that size:
+        the draws of torchvision's `make_params` from torch's default generator, in its order
+        and float32 precision (ten tries of an area share and a log-uniform aspect ratio, the
+        box's corner; else the centre crop at the nearest allowed ratio), without the input
+        and the tensors it builds for each draw."""
+        area, draw = height * width, self._draw
+        for _ in range(10):
+            target_area = area * draw.uniform_(*self._scale).item()
+            aspect = draw.uniform_(*self._log_ratio).exp_().item()
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, size=(1,)))
+                left = int(torch.randint(0, width - w + 1, size=(1,)))
+                return {"top": top, "left": left, "height": h, "width": w}
+        ratio = self.transform.transforms[0].ratio
+        w, h = width, height
+        if width / height < min(ratio):
+            h = round(w / min(ratio))
+        elif width / height > max(ratio):
+            w = round(h * max(ratio))
+        return {"top": (height - h) // 2, "left": (width - w) // 2, "height": h, "width": w}
 
 
 def _imagenet_steps(kind: str, train: bool, image_size: int) -> list[nn.Module]:
