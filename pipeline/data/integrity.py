@@ -15,8 +15,8 @@ large benchmarks' shards of source-encoded images (`prepare_lists`) both carry t
 column; a split listed under an alias (`split_aliases`, iNaturalist's test = val) lists the
 same files, which are read once.
 
-Shard bytes are not hashed here: the readers check every shard's size and sha256 as they read
-it (`shards.read_shard`, `shards.verify_split`). Mismatches are a DataError (IntegrityError),
+Shard bytes are not hashed here: the readers check each shard's sha256 once a run and its size
+on every read (`shards.read_shard`, `shards.verify_split`). Mismatches are a DataError (IntegrityError),
 one line naming the split, the class (index and name) and both counts.
 """
 

@@ -7,8 +7,9 @@ Layout under the dataset URI (a local folder or s3://bucket/prefix):
     val/part-00000-<sha256[:16]>.parquet            sample_id (string), [coarse_label (int64)]
     test/part-00000-<sha256[:16]>.parquet
 
-Each shard is checked against the manifest (exists, byte size, sha256, Parquet schema, row
-count) before use; any mismatch is an IntegrityError naming the file. For Ray Data,
+Each shard is checked against the manifest (exists, byte size, Parquet schema, row count, and
+its sha256 once a run: a reader that read it before, as the streaming loader's later epochs,
+passes `hashed`) before use; any mismatch is an IntegrityError naming the file. For Ray Data,
 `shard_files` gives the pyarrow filesystem and paths (`verify_split` first).
 
 The manifest model lives in `pipeline.data.manifest` and the writer in `pipeline.data.prepare.from_raw`;
