@@ -15,9 +15,9 @@ large benchmarks' shards of source-encoded images (`prepare_lists`) both carry t
 column; a split listed under an alias (`split_aliases`, iNaturalist's test = val) lists the
 same files, which are read once.
 
-Shard bytes are not hashed here: the readers check each shard's sha256 once a run and its size
-on every read (`shards.read_shard`, `shards.verify_split`). Mismatches are a DataError (IntegrityError),
-one line naming the split, the class (index and name) and both counts.
+Shard bytes are not hashed here: the readers check each shard's sha256 once a run and its
+size on every read (`shards.read_shard`, `shards.verify_split`). Mismatches are a DataError
+(IntegrityError), one line naming the split, the class (index and name) and both counts.
 """
 
 from __future__ import annotations
