@@ -10,9 +10,12 @@ TorchCodec, so we keep them until an upgrade removes them, then re-measure with
 bench/decode_speed.py.
 
 A training crop of a JPEG (`open_jpeg` + `decode_jpeg_region`) is decoded alone: nvImageCodec's
-CPU decoder (libjpeg-turbo's partial decoding) decodes little beyond the rows and columns the
-crop spans, with the same pixels as a whole decode cropped (tests/unit/test_codec_region.py). Images it does not take (other formats, grayscale, CMYK)
-and machines without its wheel (not Linux) decode whole.
+CPU decoder (libjpeg-turbo's partial decoding) stops at the crop's last row and only
+entropy-decodes the rows above it, with the same pixels as a whole decode cropped
+(tests/unit/test_codec_region.py). Entropy decoding is most of a decode, so the rows above the
+crop still cost most of theirs and the columns beside it little less than a whole decode
+(bench/HISTORY.md). Images it does not take (other formats, grayscale, CMYK) and machines
+without its wheel (not Linux) decode whole.
 
 Source images are checked by decoding the whole entropy-coded stream at 1/8 scale (JPEG's DCT
 scaling, Pillow's `draft`), several times cheaper than a full decode, so a corrupt file is
