@@ -13,7 +13,7 @@ A training crop of a JPEG (`open_jpeg` + `decode_jpeg_region`) is decoded alone:
 CPU decoder (libjpeg-turbo's partial decoding) stops at the crop's last row and only
 entropy-decodes the rows above it, with the same pixels as a whole decode cropped
 (tests/unit/test_codec_region.py). Entropy decoding is most of a decode, so the rows above the
-crop still cost most of theirs and the columns beside it little less than a whole decode
+crop still cost most of theirs and leaving out the columns beside it saves little
 (bench/HISTORY.md). Images it does not take (other formats, grayscale, CMYK) and machines
 without its wheel (not Linux) decode whole.
 
