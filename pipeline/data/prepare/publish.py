@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.data.manifest import MANIFEST_NAME, SPLITS, Manifest
-from pipeline.storage import display, file_size, join, read_bytes, write_bytes
+from pipeline.storage import display, file_size, join, read_buffer, write_bytes
 
 ROW_GROUP_ROWS = 4096
 ZSTD_LEVEL = 3
@@ -67,7 +67,7 @@ def same_file(fs: pafs.FileSystem, path: str, size: int, sha: str) -> bool:
     if file_size(fs, path) != size:
         return False
     try:
-        return hashlib.sha256(read_bytes(fs, path)).hexdigest() == sha
+        return hashlib.sha256(read_buffer(fs, path)).hexdigest() == sha
     except FileNotFoundError:
         return False
 

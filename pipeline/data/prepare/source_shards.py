@@ -29,7 +29,7 @@ from pipeline.data.codec import image_size, load_source_image
 from pipeline.data.manifest import ShardInfo, shard_schema
 from pipeline.data.prepare.publish import parquet_options, same_file, shard_ranges
 from pipeline.data.sources.lt_lists import ListEntry, SplitList
-from pipeline.storage import file_size, join, read_bytes, write_bytes
+from pipeline.storage import file_size, join, read_buffer, write_bytes
 
 # Part of every shard's name hash: a change to what a shard holds or how it is written must
 # change this, so that re-runs rebuild instead of keeping shards of the old layout.
@@ -116,7 +116,7 @@ def _sizes_of(rows: list[bytes]) -> tuple[list[int], list[int]]:
     return [h for h, _ in hw], [w for _, w in hw]
 
 
-def _kept(data: bytes, previous: ShardInfo) -> ShardResult:
+def _kept(data: pa.Buffer, previous: ShardInfo) -> ShardResult:
     """A published shard whose bytes were verified: its images' sizes from their headers."""
     heights: list[int] = []
     widths: list[int] = []
@@ -127,12 +127,12 @@ def _kept(data: bytes, previous: ShardInfo) -> ShardResult:
     return ShardResult(previous, np.array(heights), np.array(widths), "kept")
 
 
-def _verified(fs: pafs.FileSystem, path: str, previous: ShardInfo) -> bytes | None:
+def _verified(fs: pafs.FileSystem, path: str, previous: ShardInfo) -> pa.Buffer | None:
     """The file's bytes when they are exactly what the previous manifest recorded."""
     if file_size(fs, path) != previous.bytes:
         return None
     try:
-        data = read_bytes(fs, path)
+        data = read_buffer(fs, path)
     except FileNotFoundError:
         return None
     return data if hashlib.sha256(data).hexdigest() == previous.sha256 else None
