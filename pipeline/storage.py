@@ -248,7 +248,7 @@ def read_buffer(fs: pafs.FileSystem, path: str) -> pa.Buffer:
     """The whole file in memory of Arrow's allocator; FileNotFoundError when it does not exist,
     StorageError otherwise. What large files read again and again (shards) should use: Arrow's
     pool reuses its memory from one file to the next, while a new `bytes` of a 31 MB shard
-    page-faults every page in again (bench/HISTORY.md, 2026-12-07)."""
+    page-faults every page in again (bench/HISTORY.md, 2026-12-07 15:55)."""
     try:
         with fs.open_input_file(path) as f:
             return f.read_buffer(f.size())

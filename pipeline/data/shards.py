@@ -59,8 +59,8 @@ def read_shard(manifest: Manifest, shard: ShardInfo, *, hashed: bool = False) ->
             f"shard {where} has sha256 {sha[:16]}... but the manifest says {shard.sha256[:16]}... (altered or corrupt)"
         )
     try:
-        # ParquetFile, not read_table: read_table imports pyarrow.dataset on first use, and each
-        # epoch's loader workers are new processes (0.14 s of CPU each, every epoch).
+        # ParquetFile, not read_table: read_table imports pyarrow.dataset on first use, which
+        # every epoch's loader workers, new processes, would pay again (bench/HISTORY.md).
         table = pq.ParquetFile(pa.BufferReader(data)).read()
     except (pa.ArrowException, OSError) as exc:
         raise IntegrityError(f"shard {where} is not a readable Parquet file ({exc})") from None
