@@ -53,8 +53,7 @@ def read_shard(manifest: Manifest, shard: ShardInfo, *, hashed: bool = False) ->
             f"shard {where} is {len(data):,} bytes but the manifest says {shard.bytes:,} "
             f"(truncated or replaced)"
         )
-    sha = shard.sha256 if hashed else hashlib.sha256(data).hexdigest()
-    if sha != shard.sha256:
+    if not hashed and (sha := hashlib.sha256(data).hexdigest()) != shard.sha256:
         raise IntegrityError(
             f"shard {where} has sha256 {sha[:16]}... but the manifest says {shard.sha256[:16]}... (altered or corrupt)"
         )

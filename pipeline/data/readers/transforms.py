@@ -152,7 +152,7 @@ class DecodeGeometry(Decode):
         self.train = train
         if train:
             crop = self.transform.transforms[0]
-            self._scale = crop.scale
+            self._scale, self._ratio = crop.scale, crop.ratio
             # float32, as torchvision keeps them: the bounds of its aspect-ratio draw
             self._log_ratio = [float(r) for r in torch.log(torch.tensor(crop.ratio))]
             self._draw = torch.empty(1)
@@ -185,12 +185,11 @@ class DecodeGeometry(Decode):
                 top = int(torch.randint(0, height - h + 1, size=(1,)))
                 left = int(torch.randint(0, width - w + 1, size=(1,)))
                 return {"top": top, "left": left, "height": h, "width": w}
-        ratio = self.transform.transforms[0].ratio
         w, h = width, height
-        if width / height < min(ratio):
-            h = round(w / min(ratio))
-        elif width / height > max(ratio):
-            w = round(h * max(ratio))
+        if width / height < min(self._ratio):
+            h = round(w / min(self._ratio))
+        elif width / height > max(self._ratio):
+            w = round(h * max(self._ratio))
         return {"top": (height - h) // 2, "left": (width - w) // 2, "height": h, "width": w}
 
 
