@@ -29,11 +29,23 @@ HISTORY = ROOT / "bench" / "HISTORY.md"
 SECTION = re.compile(r"<!-- bench:([\w.-]+) -->\n(.*?)<!-- /bench:\1 -->", re.DOTALL)
 
 
+def cpu_model() -> str:
+    """The CPU's name from Linux's /proc/cpuinfo ("" elsewhere): ratios between pipelines move
+    between hosts of one kind (bench/HISTORY.md), so a row names its CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else ""
+
+
 def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
+    cpu = " ".join(filter(None, [cpu_model(), f"({platform.machine()})"]))
+    return f"{cpu}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
 
 
 def commit() -> str:
