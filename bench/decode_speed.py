@@ -14,10 +14,11 @@ cores; Ray started with num_cpus = cores). Passes alternate between the pipeline
 one pass each; each figure is the median over passes of the mid-pass rate (`timed_pass`) per
 core, with the machine's CPU utilisation over the same window, and the ratio to ImageFolder is
 the median over rounds of the ratio within a round (the machine's speed drifts between rounds);
-the first batch's wait is shown on its own. The one-thread tables time the first
-`ONE_THREAD_IMAGES` images. Ray Data's up-front shard verification happens when the dataset is
-built and is not timed; the streaming loader hashes each shard in its first pass (once a run),
-so its later passes, like Ray Data's, read shards already verified.
+so is the share of the one-core limit, against the limit timed on one thread (best of 2
+passes) at the start of each round. The first batch's wait is shown on its own. The one-thread
+tables time the first `ONE_THREAD_IMAGES` images. Ray Data's up-front shard verification
+happens when the dataset is built and is not timed; the streaming loader hashes each shard in
+its first pass (once a run), so its later passes, like Ray Data's, read shards already verified.
 """
 
 from __future__ import annotations
@@ -290,7 +291,8 @@ def pipelines(manifest, work: Path, cores: int) -> dict[str, tuple[Callable, Cal
     }
 
 
-def pipeline_rows(runs: dict[str, list[Pass]], cores: int, limit: float) -> list[str]:
+def pipeline_rows(runs: dict[str, list[Pass]], cores: int, limits: list[float]) -> list[str]:
+    """The pipelines' table; `limits`: the one-core limit (images/s) timed in each round."""
     rows = [
         "| pipeline | images/s per core | ratio to ImageFolder | share of the one-core limit "
         "| CPU busy | first batch after |",
@@ -300,10 +302,13 @@ def pipeline_rows(runs: dict[str, list[Pass]], cores: int, limit: float) -> list
     for name, passes in runs.items():
         per_core = statistics.median(p.rate for p in passes) / cores
         ratio = statistics.median(p.rate / b.rate for p, b in zip(passes, baseline, strict=True))
+        share = statistics.median(
+            p.rate / cores / lim for p, lim in zip(passes, limits, strict=True)
+        )
         busy = statistics.median(p.busy for p in passes)
         first = statistics.median(p.first_wait for p in passes)
         rows.append(
-            f"| {name} | {per_core:.0f} | {ratio:.2f}x | {per_core / limit:.2f} "
+            f"| {name} | {per_core:.0f} | {ratio:.2f}x | {share:.2f} "
             f"| {100 * busy:.0f}% | {first:.2f} s |"
         )
     return rows
@@ -349,7 +354,11 @@ def main() -> None:
     torch.set_num_threads(cores)
     found = pipelines(read_manifest(uri), work, cores)
     runs: dict[str, list[Pass]] = {name: [] for name in found}
+    limit = {LIMIT: crop_candidates()[LIMIT]}
+    limits = []
     for epoch in range(args.passes):
+        limits.append(one_thread_rates(blobs[:ONE_THREAD_IMAGES], limit, repeats=2)[LIMIT])
+        torch.set_num_threads(cores)  # one_thread_rates left one
         for name, (make, labels_of) in found.items():
             batches = make()
             if hasattr(getattr(batches, "dataset", None), "set_seed"):
@@ -362,10 +371,12 @@ def main() -> None:
         f"{len(blobs)} generated RGB JPEGs (sides {SIDES[0]}-{SIDES[1]} px, quality 90, "
         f"{kb:.0f} kB on average), {cores} CPU cores; train preset `imagenet` at {IMAGE_SIZE} px, "
         f"batches of {BATCH}; median of {args.passes} passes, images/s between the 25% and 75% "
-        "marks (ratio: median of the ratios within a round); the one-core limit is the first "
-        f"row of the next table, timed on the first {min(len(blobs), ONE_THREAD_IMAGES)} images",
+        "marks; ratio and share: medians over rounds of the figure within a round, the share "
+        "against the one-core limit (the first row of the next table) timed on one thread, best "
+        f"of 2 passes, at the round's start (median {statistics.median(limits):.0f} images/s); "
+        f"the one-thread tables time the first {min(len(blobs), ONE_THREAD_IMAGES)} images",
         "",
-        *pipeline_rows(runs, cores, crops[LIMIT]),
+        *pipeline_rows(runs, cores, limits),
         "",
         f"Decode + crop + flip to uint8, one thread, best of {args.passes} passes:",
         "",
