@@ -34,10 +34,10 @@ def cpu_model() -> str:
     between hosts of one kind (bench/HISTORY.md), so a row names its CPU."""
     try:
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            names = (line.split(":", 1)[1] for line in f if line.startswith("model name"))
+            return next(names, "").strip()
     except OSError:
-        names = []
-    return names[0] if names else ""
+        return ""
 
 
 def machine() -> str:
