@@ -4,7 +4,7 @@ path), torchvision's `ImageFolder` + `DataLoader` and LitData reading the same J
 the limit of one core (decode + RandomResizedCrop + flip on uint8, one thread); plus the
 decode-and-crop candidates and the decoders alone, one thread each.
 
-    python -m bench.decode_speed [--images 6400] [--passes 3] [--no-record]
+    python -m bench.decode_speed [--images 6400] [--passes 5] [--no-record]
 
 Everything is measured in one run on the same generated RGB JPEGs (sides 375-500 px, quality
 90, about 95 kB each, close to ImageNet's average). Each pipeline crops with the "imagenet"
@@ -326,7 +326,9 @@ def main() -> None:
     # 2,400 it spanned one second, and where Ray Data's 64-image blocks fell against its ends
     # moved a pass's rate by a fifth.
     ap.add_argument("--images", type=int, default=6400)
-    ap.add_argument("--passes", type=int, default=3)
+    # Five rounds: on a shared host one pass moves by up to a fifth against the next
+    # (bench/HISTORY.md, 2026-12-07 17:20), too much for a median of three to settle.
+    ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     # torchvision.io warns on every decode that 0.29 deprecated it (pipeline/data/codec.py)
