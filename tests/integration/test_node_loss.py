@@ -126,9 +126,10 @@ def test_a_lost_node_fails_the_run_clearly_within_minutes(tiny_dataset, tmp_path
         "cluster.num_workers": 2,
         "cluster.cpus_per_worker": 1,
         # The finding: the group restarts on the head. One retry more than that: a restart can
-        # fail on its own while the GCS has not yet declared the lost node dead (seen once under
-        # `make test`'s load: the run ended 10 s after the loss on a second worker health-check
-        # failure, its one retry spent). The capacity error then ends the run on a later retry.
+        # itself fail soon after the loss (seen once under `make test`'s load: the run ended 10 s
+        # after it on a second worker health-check failure, its one retry spent; likely a group
+        # placed while the GCS still counted the lost node). The capacity error ends the run on
+        # a later retry.
         "cluster.max_failures": 2,
         "cluster.stall_timeout_s": STALL_TIMEOUT_S,
         "cluster.storage_path": str(tmp_path / "runs"),
