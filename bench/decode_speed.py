@@ -351,12 +351,13 @@ def main() -> None:
         mixed_formats=False,
     )
     blobs = encoded["train"]
-    crops = one_thread_rates(blobs[:ONE_THREAD_IMAGES], crop_candidates(), repeats=args.passes)
+    candidates = crop_candidates()
+    crops = one_thread_rates(blobs[:ONE_THREAD_IMAGES], candidates, repeats=args.passes)
     decoding = one_thread_rates(blobs[:ONE_THREAD_IMAGES], decoders(), repeats=args.passes)
     torch.set_num_threads(cores)
     found = pipelines(read_manifest(uri), work, cores)
     runs: dict[str, list[Pass]] = {name: [] for name in found}
-    limit = {LIMIT: crop_candidates()[LIMIT]}
+    limit = {LIMIT: candidates[LIMIT]}
     limits = []
     for epoch in range(args.passes):
         limits.append(one_thread_rates(blobs[:ONE_THREAD_IMAGES], limit, repeats=2)[LIMIT])
