@@ -55,14 +55,21 @@ class DriverGuard:
 
 
 def end_orphaned_run(tracking_uri: str, run_id: str, reason: str) -> bool:
-    """Set run `run_id` KILLED with `reason` if it is still RUNNING; whether it was."""
-    from pipeline.tracking.runs import RunLogger
+    """Set run `run_id` KILLED with `reason` if it is still RUNNING; whether it was.
 
-    logger = RunLogger(tracking_uri, run_id)
-    if logger.client.get_run(run_id).info.status != "RUNNING":
+    Imports MLflow's client alone, after the driver's death (the guard idles as a bare
+    interpreter): not `runs`, which brings torch in and would delay the KILLED by seconds, more
+    on a loaded node."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.store import checked_tags
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if client.get_run(run_id).info.status != "RUNNING":
         return False
-    logger.log_tags({TAG_END_REASON: reason})
-    logger.finish("KILLED")
+    for key, value in checked_tags({TAG_END_REASON: reason}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status="KILLED")
     return True
 
 

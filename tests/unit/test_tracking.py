@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline import credentials  # noqa: E402
 from pipeline.tracking import lineage, runs  # noqa: E402
+from pipeline.tracking.driver_guard import TAG_END_REASON, DriverGuard, end_orphaned_run  # noqa: E402
 from pipeline.tracking.runs import RunLogger, TrackingError  # noqa: E402
 from pipeline.tracking.store import mlflow_uris, sqlite_artifact_root  # noqa: E402
 from tests.helpers.mlflow_env import isolated_mlflow_env  # noqa: E402
@@ -112,6 +113,26 @@ def test_one_run_per_run_name(store, cfg, tmp_path_factory):
     # The SQLite default keeps artifacts next to the database, never in the working directory.
     db_dir = Path(store[len("sqlite:///") :]).parent
     assert exp.artifact_location == (db_dir / "mlartifacts" / "exp-runs").as_uri()
+
+
+def test_driver_guard_ends_only_a_run_its_driver_left_running(store):
+    """The guard process (a real one): a pipe closed without "done", as when the driver is
+    SIGKILLed, ends a RUNNING run KILLED with the reason and how to resume; "done" leaves the
+    run to its driver."""
+    client = MlflowClient(store)
+    orphan = runs.start_or_resume_run(store, "exp-guard", "orphan")
+    guard = DriverGuard.start(store, orphan, "orphan", "python -m jobs.train --run-name orphan")
+    guard._process.stdin.close()  # what the driver's death does to the guard's pipe
+    assert guard._process.wait(timeout=60) == 0
+    run = client.get_run(orphan)
+    assert run.info.status == "KILLED"
+    reason = run.data.tags[TAG_END_REASON]
+    assert "died without ending run 'orphan'" in reason and "--run-name orphan" in reason
+
+    kept = runs.start_or_resume_run(store, "exp-guard", "kept")
+    DriverGuard.start(store, kept, "kept", "python -m jobs.train --run-name kept").stop()
+    assert client.get_run(kept).info.status == "RUNNING"
+    assert not end_orphaned_run(store, orphan, "again")  # an ended run is left as it is
 
 
 def test_child_run_under_a_parent(store):
