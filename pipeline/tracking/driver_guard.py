@@ -62,13 +62,12 @@ def end_orphaned_run(tracking_uri: str, run_id: str, reason: str) -> bool:
     on a loaded node."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking.store import checked_tags
+    from pipeline.tracking.store import checked_value
 
     client = MlflowClient(tracking_uri=tracking_uri)
     if client.get_run(run_id).info.status != "RUNNING":
         return False
-    for key, value in checked_tags({TAG_END_REASON: reason}).items():
-        client.set_tag(run_id, key, value)
+    client.set_tag(run_id, TAG_END_REASON, checked_value("tag", TAG_END_REASON, reason))
     client.set_terminated(run_id, status="KILLED")
     return True
 
