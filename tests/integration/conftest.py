@@ -94,19 +94,24 @@ def mlflow_server(moto_server, tmp_path_factory):
     proc = None
     log = server.log_path.open("wb")
     try:
-        for _ in range(3):  # the probed free port can be taken before the server binds it
+        # The probed free port can be taken before the server binds it: the server then exits,
+        # and the next try takes another port, and a database of its own (a server stopped
+        # mid-migration leaves its database half migrated: "duplicate column name").
+        for attempt in range(3):
             port = free_port()
             server.uri = f"http://127.0.0.1:{port}"
             cmd = [
                 *_mlflow_executable(), "server",
                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+                "--backend-store-uri", f"sqlite:///{base / f'mlflow-{attempt}.db'}",
                 "--serve-artifacts", "--artifacts-destination", f"s3://{bucket}/{server.prefix}",
             ]  # fmt: skip
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base, start_new_session=True
             )
-            deadline = time.monotonic() + 90
+            # Creating the database takes about 40 s under `make test`'s lanes and has taken
+            # over 90 s: a live server is given 180 s.
+            deadline = time.monotonic() + 180
             while time.monotonic() < deadline and proc.poll() is None:
                 try:
                     with urllib.request.urlopen(server.uri + "/health", timeout=2) as resp:
