@@ -165,7 +165,7 @@ def test_killed_worker_and_killed_driver_continue_one_run(ray_cluster, tiny_data
     resumed = [ln for ln in out.splitlines() if "resumed from checkpoint at epoch" in ln]
     assert resumed and all(" epoch 0" not in ln for ln in resumed), out[-3000:]
     # The guard imports MLflow's client only once the driver is gone: about 2 s on an idle
-    # 2-core host; the wait allows for `make test`'s four lanes there.
+    # 2-core host; the wait allows for `make test`'s lanes there.
     killed = _wait_for_status(uri, name, "KILLED", timeout=180)
     reason = killed.data.tags["shike.end_reason"]
     assert f"died without ending run '{name}'" in reason and f"--run-name {name}" in reason
