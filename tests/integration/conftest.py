@@ -109,8 +109,8 @@ def mlflow_server(moto_server, tmp_path_factory):
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base, start_new_session=True
             )
-            # Creating the database takes about 40 s under `make test`'s lanes and has taken
-            # over 90 s: a live server is given 180 s.
+            # Creating the database under `make test`'s lanes has taken over 90 s (bench/
+            # HISTORY.md, session 31): a live server is given 180 s.
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and proc.poll() is None:
                 try:
